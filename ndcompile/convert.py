@@ -1,0 +1,331 @@
+"""``ndcompile.convert``: trace, find Linear sites, rewrite, verify, report."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from ndcompile.errors import NdCompileError
+from ndcompile.factorize import nearest_kronecker, rank_for_tolerance
+from ndcompile.frontend import as_tuple, is_reference_ndlinear, propagate_shapes, run_reference, trace
+from ndcompile.layers import NdLinear
+from ndcompile.network import check_optimizer
+from ndcompile.passes import (
+    LinearSite,
+    dead_code_elimination,
+    find_linear_sites,
+    inline_ndlinear,
+    rewrite_ndlinear,
+)
+from ndcompile.passes.find_linear import ShapeOverrides
+from ndcompile.report import ConversionReport, LayerReport
+
+__all__ = ["MODES", "convert", "optimize", "relative_error"]
+
+MODES = ("fresh", "exact", "factorize", "adapter")
+
+
+def relative_error(reference: Any, candidate: Any) -> float:
+    """``|a - b| / |a|`` over all tensor leaves of two (nested) outputs."""
+    ref = [t for t in tree_leaves(reference) if isinstance(t, Tensor)]
+    got = [t for t in tree_leaves(candidate) if isinstance(t, Tensor)]
+    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got, strict=True)):
+        raise NdCompileError(
+            "converted model output structure differs from the original: "
+            f"{[tuple(t.shape) for t in ref]} vs {[tuple(t.shape) for t in got]}"
+        )
+    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(ref, got, strict=True))
+    den = sum(float(a.double().pow(2).sum()) for a in ref)
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters of ``model`` (tied parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _exact_tolerance(outputs: Any) -> float:
+    dtypes = {t.dtype for t in tree_leaves(outputs) if isinstance(t, Tensor)}
+    if dtypes <= {torch.float64}:
+        return 1e-10
+    if dtypes & {torch.float16, torch.bfloat16}:
+        return 1e-2
+    return 1e-4
+
+
+def _capture_inputs(gm: fx.GraphModule, names: Iterable[str], inputs: tuple) -> dict[str, Tensor]:
+    """First input each named module sees when ``gm`` runs on ``inputs``."""
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(_mod: nn.Module, args: tuple, *, _name: str = name) -> None:
+            captured.setdefault(_name, args[0].detach())
+        handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _layer_entry(site: LinearSite) -> LayerReport:
+    m = site.module
+    return LayerReport(
+        name=site.name,
+        kind="Linear",
+        in_features=m.in_features,
+        out_features=m.out_features,
+        in_shape=site.in_shape,
+        out_shape=site.out_shape,
+        mode_source=site.source,
+        params_before=sum(p.numel() for p in m.parameters()),
+        flops_before=2 * site.rows * m.in_features * m.out_features * len(site.nodes),
+        reason=site.skip_reason,
+    )
+
+
+def _fill_layer_stats(entry: LayerReport, layer: NdLinear, site: LinearSite) -> None:
+    layer.replan(plan_batch=max(site.rows, 1))
+    plan = layer.plan()
+    entry.status = "converted"
+    entry.rank = layer.rank
+    entry.params_after = layer.num_parameters()
+    entry.flops_after = (plan.flops + (layer.out_features * site.rows)) * len(site.nodes)
+    entry.naive_flops = plan.naive_flops
+    entry.largest_intermediate = plan.largest_intermediate
+    entry.plan = str(plan)
+
+
+def convert(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    mode: str = "fresh",
+    rank: int | None = None,
+    tol: float | None = None,
+    max_rank: int = 64,
+    shapes: ShapeOverrides | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    n_modes: int = 2,
+    min_features: int = 16,
+    optimizer: str = "auto",
+    skip_larger: bool = True,
+    verify: bool = True,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> fx.GraphModule:
+    """Convert ``model``'s dense layers into NdLinear contractions.
+
+    The model is never modified: it is deep-copied, traced with torch.fx, and the
+    copy is rewritten. The result is an ``fx.GraphModule`` with a ``report``
+    attribute (:class:`~ndcompile.report.ConversionReport`).
+
+    Args:
+        model: The model to convert.
+        example_input: A tensor (or tuple of tensors) the model accepts.
+        mode: ``"fresh"`` (new, trainable NdLinear layers), ``"exact"`` (only
+            function-preserving rewrites of NdLinear layers already present) or
+            ``"factorize"`` (nearest rank-R Kronecker sum of trained weights).
+        rank: Kronecker rank (``fresh``: default 1; ``factorize``: give ``rank`` or ``tol``).
+        tol: ``factorize``: smallest rank whose relative weight error is <= tol.
+        max_rank: Upper bound of the ``tol`` search.
+        shapes: Per-layer overrides ``{"fc1": ((32, 32), (16, 16))}``.
+        include: Glob patterns of layer names to convert (default: all).
+        exclude: Glob patterns of layer names to keep dense.
+        n_modes: Modes to split a feature size into when the graph gives none.
+        min_features: Layers with fewer input or output features stay dense.
+        optimizer: Contraction-order optimizer (see ``ndcompile.network.OPTIMIZERS``).
+        skip_larger: Keep a layer dense when its factorization would have more
+            parameters than the dense layer (otherwise convert it anyway).
+        verify: Check the converted model against the original on the example
+            input (``exact`` raises if they differ beyond fp tolerance).
+        leaf_modules: Extra module types to keep opaque while tracing.
+
+    Returns:
+        The converted ``fx.GraphModule``; ``.report`` describes every layer.
+
+    Raises:
+        NdCompileError: On an unknown mode/optimizer, an untraceable model, an
+            example input the model rejects, or a failed exact verification.
+    """
+    if mode not in MODES:
+        raise NdCompileError(f"unknown mode {mode!r}; valid modes are: {', '.join(MODES)}")
+    if mode == "adapter":
+        raise NdCompileError(
+            "mode='adapter' (NdLinear-LoRA) is not available in this version",
+            hint="use mode='fresh', 'exact' or 'factorize'",
+        )
+    check_optimizer(optimizer)
+    if mode == "factorize" and rank is None and tol is None:
+        raise NdCompileError("mode='factorize' needs rank=R or tol=t", hint="e.g. rank=4 or tol=0.1")
+    if rank is not None and rank < 1:
+        raise NdCompileError(f"rank must be >= 1, got {rank}")
+    inputs = as_tuple(example_input)
+    work = copy.deepcopy(model)
+    reference = run_reference(model, inputs) if verify else None
+    gm = trace(work, leaf_modules=leaf_modules)
+    propagate_shapes(gm, inputs)
+    report = ConversionReport(mode=mode, params_before=count_parameters(model))
+
+    if mode == "exact":
+        report.layers.extend(_exact_entries(gm))
+        optimize(gm, optimizer=optimizer)
+    else:
+        sites = find_linear_sites(
+            gm, shapes=shapes, include=include, exclude=exclude,
+            n_modes=n_modes, min_features=min_features,
+        )
+        entries = {site.name: _layer_entry(site) for site in sites}
+        report.layers.extend(entries.values())
+        acts = (
+            _capture_inputs(gm, [s.name for s in sites if s.convertible], inputs)
+            if mode == "factorize" else {}
+        )
+
+        def make_layer(site: LinearSite) -> NdLinear:
+            if mode == "fresh":
+                layer = _fresh_layer(site, rank or 1, optimizer)
+            else:
+                layer = _factorized_layer(site, entries[site.name], rank, tol, max_rank, optimizer)
+                x = acts.get(site.name)
+                if x is not None:
+                    with torch.no_grad():
+                        entries[site.name].output_rel_error = relative_error(
+                            site.module(x),
+                            layer(x.reshape(*x.shape[:-1], *layer.in_shape)).flatten(-len(layer.in_shape)),
+                        )
+            _fill_layer_stats(entries[site.name], layer, site)
+            return layer
+
+        for site in sites:
+            if site.convertible and mode == "factorize" and skip_larger:
+                r = rank or 1
+                after = r * sum(h * d for h, d in zip(site.out_shape, site.in_shape, strict=True))
+                if after >= site.module.in_features * site.module.out_features:
+                    site.skip_reason = entries[site.name].reason = (
+                        f"rank {r} factors ({after:,} params) are not smaller than the dense "
+                        f"weight ({site.module.weight.numel():,}); pass skip_larger=False to force"
+                    )
+        rewrite_ndlinear(gm, sites, make_layer)
+    dead_code_elimination(gm)
+    report.params_after = count_parameters(gm)
+    if verify:
+        _verify(gm, inputs, reference, report)
+    gm.report = report  # type: ignore[assignment]
+    return gm
+
+
+def optimize(gm: fx.GraphModule, *, optimizer: str = "auto") -> fx.GraphModule:
+    """Run the exact passes on a traced ``gm`` in place and return it.
+
+    NdLinear layers (ours or the reference package's) become planned contractions.
+    """
+    check_optimizer(optimizer)
+    inline_ndlinear(gm, optimizer=optimizer)
+    dead_code_elimination(gm)
+    return gm
+
+
+def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:
+    entries = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, NdLinear):
+            layer, kind = module, "NdLinear"
+        elif is_reference_ndlinear(module):
+            layer, kind = NdLinear.from_reference(module), "ndlinear.NdLinear"
+        else:
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        meta = node.args[0].meta.get("tensor_meta")
+        rows = math.prod(meta.shape[: -len(layer.in_shape)]) if meta is not None else 1
+        layer.replan(plan_batch=max(rows, 1))
+        plan = layer.plan()
+        entries.append(
+            LayerReport(
+                name=node.target, kind=kind, status="inlined",
+                in_features=layer.in_features, out_features=layer.out_features,
+                in_shape=layer.in_shape, out_shape=layer.out_shape, mode_source="layer",
+                rank=layer.rank, params_before=params, params_after=params,
+                flops_before=plan.naive_flops, flops_after=plan.flops,
+                naive_flops=plan.naive_flops, largest_intermediate=plan.largest_intermediate,
+                plan=str(plan),
+            )
+        )
+    return entries
+
+
+def _fresh_layer(site: LinearSite, rank: int, optimizer: str) -> NdLinear:
+    w = site.module.weight
+    return NdLinear(
+        site.in_shape, site.out_shape, rank=rank, bias=site.module.bias is not None,
+        optimizer=optimizer, device=w.device, dtype=w.dtype,
+    )
+
+
+def _factorized_layer(
+    site: LinearSite,
+    entry: LayerReport,
+    rank: int | None,
+    tol: float | None,
+    max_rank: int,
+    optimizer: str,
+) -> NdLinear:
+    w = site.module.weight.detach()
+    assert site.in_shape is not None and site.out_shape is not None
+    if rank is None:
+        fit = rank_for_tolerance(w, site.in_shape, site.out_shape, tol, max_rank=max_rank)
+    else:
+        fit = nearest_kronecker(w, site.in_shape, site.out_shape, rank)
+    layer = NdLinear(
+        site.in_shape, site.out_shape, rank=fit.factors[0].shape[0],
+        bias=site.module.bias is not None, optimizer=optimizer, device=w.device, dtype=w.dtype,
+    )
+    with torch.no_grad():
+        for f, src in zip(layer.factors, fit.factors, strict=True):
+            f.copy_(src)
+        if layer.bias is not None:
+            layer.bias.copy_(site.module.bias)
+    entry.weight_rel_error = float(fit.rel_error)
+    entry.extra["method"] = fit.method
+    if fit.spectrum is not None:
+        entry.extra["spectrum"] = [float(s) for s in fit.spectrum[:32]]
+    if getattr(fit, "tol_met", None) is not None:
+        entry.extra["tol_met"] = bool(fit.tol_met)
+    return layer
+
+
+def _verify(gm: fx.GraphModule, inputs: tuple, reference: Any, report: ConversionReport) -> None:
+    try:
+        with torch.no_grad():
+            out = gm(*inputs)
+    except Exception as exc:
+        raise NdCompileError(
+            f"the converted model fails on the example input: {type(exc).__name__}: {exc}",
+            hint="please report this with the model; pass verify=False to skip the check",
+        ) from exc
+    if report.mode == "fresh":
+        ref_shapes = [tuple(t.shape) for t in tree_leaves(reference) if isinstance(t, Tensor)]
+        got_shapes = [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, Tensor)]
+        if ref_shapes != got_shapes:
+            raise NdCompileError(f"converted output shapes {got_shapes} != original {ref_shapes}")
+        report.notes.append("fresh layers are newly initialised: outputs differ until trained")
+        return
+    err = relative_error(reference, out)
+    report.output_rel_error = err
+    if report.mode == "exact" and err > _exact_tolerance(reference):
+        raise NdCompileError(
+            f"exact conversion changed the model's output (relative error {err:.3e})",
+            hint="this is a bug in an exact pass; please report it with the model",
+        )

@@ -1,0 +1,129 @@
+"""FX front end: trace a model with NdLinear layers as leaves and propagate shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ndcompile.errors import NdCompileError
+from ndcompile.layers import NdLinear
+
+__all__ = [
+    "NdTracer",
+    "as_tuple",
+    "is_reference_ndlinear",
+    "node_shape",
+    "propagate_shapes",
+    "run_reference",
+    "trace",
+]
+
+
+def is_reference_ndlinear(module: nn.Module) -> bool:
+    """True for the reference package's ``ndlinear.NdLinear`` (checked by type name)."""
+    cls = type(module)
+    return cls.__name__ == "NdLinear" and cls.__module__.split(".")[0] == "ndlinear"
+
+
+class NdTracer(fx.Tracer):
+    """``fx.Tracer`` keeping NdLinear layers (ours and the reference one) as leaves.
+
+    The reference ``ndlinear.NdLinear`` cannot be traced symbolically (its forward
+    unpacks a shape proxy), and ours is handled as one known contraction.
+
+    Args:
+        leaf_modules: Extra module types to keep as leaves.
+    """
+
+    def __init__(self, leaf_modules: Sequence[type[nn.Module]] = ()) -> None:
+        super().__init__()
+        self.extra_leaves = tuple(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, NdLinear) or is_reference_ndlinear(m):
+            return True
+        if self.extra_leaves and isinstance(m, self.extra_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def as_tuple(example_input: Any) -> tuple[Any, ...]:
+    """Normalise an example input (a tensor or a tuple/list of them) to a tuple."""
+    if isinstance(example_input, tuple | list):
+        return tuple(example_input)
+    return (example_input,)
+
+
+def trace(
+    model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()
+) -> fx.GraphModule:
+    """Symbolically trace ``model`` with :class:`NdTracer`.
+
+    Args:
+        model: The module to trace (not modified).
+        leaf_modules: Extra module types to keep as leaves.
+
+    Returns:
+        A GraphModule sharing ``model``'s submodules and parameters.
+
+    Raises:
+        NdCompileError: If tracing fails; names the model and the tracing error.
+    """
+    tracer = NdTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # any tracing failure is reported the same way
+        raise NdCompileError(
+            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}",
+            layer=type(model).__name__,
+            hint="make data-dependent control flow static, or pass the offending submodule "
+            "type in leaf_modules=... so it is kept as an opaque call",
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+    """Fill ``node.meta["tensor_meta"]`` by running ``gm`` on the example inputs.
+
+    Raises:
+        NdCompileError: If the model fails on the example input (wrong shape, ...).
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]
+    if len(example_inputs) < len(required) or len(example_inputs) > len(placeholders):
+        raise NdCompileError(
+            f"the model's forward takes {len(required)}..{len(placeholders)} inputs "
+            f"({', '.join(n.name for n in placeholders)}), got {len(example_inputs)}",
+            hint="pass a tuple with one example tensor per forward argument",
+        )
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        raise NdCompileError(
+            f"running the model on the example input {shapes} failed: "
+            f"{type(exc).__name__}: {exc}".splitlines()[0],
+            layer=type(gm).__name__,
+            hint="give an example input of the shape the model expects",
+        ) from exc
+
+
+def run_reference(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
+    """Run the original model on the example inputs without recording gradients."""
+    with torch.no_grad():
+        return model(*example_inputs)
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The static shape recorded by shape propagation, or None."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else None
+

@@ -1,0 +1,340 @@
+"""Contraction programs: a planned pairwise contraction path lowered to explicit torch ops.
+
+A :class:`ContractionProgram` is a straight-line list of ``reshape``/``permute``/
+``matmul``/``sum`` instructions over a register file. It is produced once at
+conversion time from an opt_einsum path and runs unchanged on real tensors (eager
+forward) or on ``torch.fx.Proxy`` values (which emits the ops into an FX graph), so
+no opt_einsum call is ever made at run time.
+
+Each pairwise contraction is lowered to one (broadcasting) ``torch.matmul``. The
+layout of each operand is chosen so that no ``permute`` is needed when the operand's
+current memory order allows it: a factor ``W (h, d)`` meets ``x (B, d, rest)`` as a
+left multiply ``W @ x.view(B, d, rest)``, and a trailing mode as a right multiply.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["ContractionProgram", "Instruction", "compile_path"]
+
+#: Size used in shapes for the single dynamic (batch) index.
+DYNAMIC = -1
+#: Cost of moving one element through a permute+copy, in flop-equivalents.
+PERMUTE_COST = 24.0
+#: Matmul dimension below which BLAS efficiency drops roughly linearly.
+SATURATING_DIM = 32.0
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One op of a program: ``out = op(*srcs, arg)``.
+
+    Attributes:
+        op: One of ``"reshape"``, ``"permute"``, ``"matmul"``, ``"sum"``.
+        srcs: Register numbers read.
+        out: Register number written.
+        arg: The shape (reshape), permutation (permute) or dims (sum).
+    """
+
+    op: str
+    srcs: tuple[int, ...]
+    out: int
+    arg: tuple[int, ...] = ()
+
+
+@dataclass
+class ContractionProgram:
+    """A lowered contraction: instructions plus the register of the result.
+
+    Attributes:
+        n_inputs: Number of operand registers (0..n_inputs-1).
+        instructions: The straight-line code.
+        result: Register holding the result, in ``output`` index order.
+        output: Index names of the result, in order.
+        permuted_elements: Elements copied by permutes (per unit of the dynamic index).
+    """
+
+    n_inputs: int
+    instructions: list[Instruction] = field(default_factory=list)
+    result: int = 0
+    output: tuple[str, ...] = ()
+    permuted_elements: int = 0
+
+    def run(self, *operands: Any) -> Any:
+        """Execute on tensors or FX proxies.
+
+        Args:
+            *operands: One value per input register, laid out as at compile time.
+
+        Returns:
+            The contracted tensor (or proxy) in ``self.output`` index order.
+        """
+        regs: dict[int, Any] = dict(enumerate(operands))
+        for ins in self.instructions:
+            if ins.op == "reshape":
+                regs[ins.out] = regs[ins.srcs[0]].reshape(ins.arg)
+            elif ins.op == "permute":
+                regs[ins.out] = regs[ins.srcs[0]].permute(ins.arg)
+            elif ins.op == "matmul":
+                regs[ins.out] = torch.matmul(regs[ins.srcs[0]], regs[ins.srcs[1]])
+            elif ins.op == "sum":
+                regs[ins.out] = regs[ins.srcs[0]].sum(ins.arg)
+            else:  # pragma: no cover - instructions are built by this module only
+                raise AssertionError(ins.op)
+        return regs[self.result]
+
+    def count(self, op: str) -> int:
+        """Number of instructions of kind ``op``."""
+        return sum(ins.op == op for ins in self.instructions)
+
+    def __str__(self) -> str:
+        lines = [f"ContractionProgram(inputs={self.n_inputs}, output={''.join(self.output)})"]
+        for ins in self.instructions:
+            srcs = ", ".join(f"r{s}" for s in ins.srcs)
+            arg = f", {list(ins.arg)}" if ins.arg or ins.op != "matmul" else ""
+            lines.append(f"  r{ins.out} = {ins.op}({srcs}{arg})")
+        lines.append(f"  return r{self.result}")
+        return "\n".join(lines)
+
+
+class _Builder:
+    """Symbolic lowering state: the index order of every live register."""
+
+    def __init__(
+        self, sizes: Mapping[str, int], dynamic: str | None, nominal: Mapping[str, int]
+    ) -> None:
+        self.sizes = dict(sizes)
+        self.dynamic = dynamic
+        self.nominal = {i: max(1, nominal.get(i, s)) for i, s in self.sizes.items()}
+        self.code: list[Instruction] = []
+        self.next_reg = 0
+        self.permuted = 0
+
+    def new_reg(self) -> int:
+        reg = self.next_reg
+        self.next_reg += 1
+        return reg
+
+    def group_size(self, group: Sequence[str]) -> int:
+        if self.dynamic is not None and self.dynamic in group:
+            return DYNAMIC
+        return math.prod(self.sizes[i] for i in group)
+
+    def elements(self, idx: Sequence[str]) -> int:
+        return math.prod(self.nominal[i] for i in idx)
+
+    def pair_cost(
+        self,
+        il: tuple[str, ...],
+        ir: tuple[str, ...],
+        s: tuple[str, ...],
+        lay_l: tuple,
+        lay_r: tuple,
+    ) -> float:
+        """Estimated cost (flop-equivalents) of one matmul layout, permutes included."""
+        ll, ml, kk = lay_l
+        rlead, mr, _ = lay_r
+        cost = 0.0
+        for order, target in ((il, s + ll + ml + kk), (ir, s + rlead + kk + mr)):
+            if order != target:
+                weight_only = self.dynamic not in order
+                cost += PERMUTE_COST * self.elements(order) * (0.25 if weight_only else 1.0)
+        m, n, k = self.elements(ml), self.elements(mr), self.elements(kk)
+        flops = 2.0 * self.elements(s + ll + rlead) * m * n * k
+        efficiency = min(1.0, min(m, n, max(k, 1)) / SATURATING_DIM)
+        return cost + flops / max(efficiency, 1.0 / SATURATING_DIM)
+
+    def emit(self, op: str, srcs: tuple[int, ...], arg: tuple[int, ...] = ()) -> int:
+        out = self.new_reg()
+        self.code.append(Instruction(op, srcs, out, arg))
+        return out
+
+    def permute(self, reg: int, idx: tuple[str, ...], target: tuple[str, ...]) -> int:
+        if idx == target:
+            return reg
+        self.permuted += self.elements(idx)
+        return self.emit("permute", (reg,), tuple(idx.index(i) for i in target))
+
+    def reshape(self, reg: int, current: tuple[int, ...], target: tuple[int, ...]) -> int:
+        if current == target:
+            return reg
+        # Peephole: a reshape of a reshape reads the original register instead.
+        producer = next((ins for ins in self.code if ins.out == reg), None)
+        if producer is not None and producer.op == "reshape":
+            reg = producer.srcs[0]
+        return self.emit("reshape", (reg,), target)
+
+    def dead_code_eliminated(self, result: int) -> list[Instruction]:
+        """The instructions the result depends on, in order."""
+        live, kept = {result}, []
+        for ins in reversed(self.code):
+            if ins.out in live:
+                kept.append(ins)
+                live.update(ins.srcs)
+        return kept[::-1]
+
+    def shape_of(self, idx: Sequence[str]) -> tuple[int, ...]:
+        return tuple(self.group_size((i,)) for i in idx)
+
+
+def _free(order: tuple[str, ...], shared: Sequence[str]) -> tuple[str, ...]:
+    return tuple(i for i in order if i not in shared)
+
+
+def _ordered(order: tuple[str, ...], subset: set[str]) -> tuple[str, ...]:
+    return tuple(i for i in order if i in subset)
+
+
+def _left_layout(order: tuple[str, ...], s: list[str], k: set[str]) -> tuple | None:
+    """Natural layout of an operand used as the left matmul operand, or None.
+
+    Left needs ``S + LL + ML + K``; we take LL empty and ML = the free middle.
+    """
+    ns, nk = len(s), len(k)
+    if tuple(order[:ns]) != tuple(s) or set(order[len(order) - nk :]) != k:
+        return None
+    middle = order[ns : len(order) - nk]
+    return ((), tuple(middle), tuple(order[len(order) - nk :]))
+
+
+def _right_layout(order: tuple[str, ...], s: list[str], k: set[str]) -> tuple | None:
+    """Natural layout of an operand used as the right matmul operand, or None.
+
+    Right needs ``S + RL + K + MR`` with K contiguous.
+    """
+    ns = len(s)
+    if tuple(order[:ns]) != tuple(s):
+        return None
+    rest = order[ns:]
+    pos = [p for p, i in enumerate(rest) if i in k]
+    if not pos:
+        return (tuple(rest), (), ())
+    if pos[-1] - pos[0] + 1 != len(pos):
+        return None
+    return (tuple(rest[: pos[0]]), tuple(rest[pos[-1] + 1 :]), tuple(rest[pos[0] : pos[-1] + 1]))
+
+
+def _contract_pair(
+    b: _Builder, ra: int, ia: tuple[str, ...], rb: int, ib: tuple[str, ...], keep: set[str]
+) -> tuple[int, tuple[str, ...]]:
+    """Lower one pairwise contraction; returns the result register and its index order."""
+    # Indices private to one operand and not needed later are summed out first.
+    dead_a = tuple(p for p, i in enumerate(ia) if i not in ib and i not in keep)
+    if dead_a:
+        ra = b.emit("sum", (ra,), dead_a)
+        ia = tuple(i for i in ia if i in ib or i in keep)
+    dead_b = tuple(p for p, i in enumerate(ib) if i not in ia and i not in keep)
+    if dead_b:
+        rb = b.emit("sum", (rb,), dead_b)
+        ib = tuple(i for i in ib if i in ia or i in keep)
+
+    shared = [i for i in ia if i in ib]
+    k_set = {i for i in shared if i not in keep}
+    best: tuple | None = None
+    for (rl, il), (rr, ir) in (((ra, ia), (rb, ib)), ((rb, ib), (ra, ia))):
+        # S order follows the larger operand so that the smaller one is the one permuted.
+        big = il if b.elements(il) >= b.elements(ir) else ir
+        s = tuple(i for i in big if i in shared and i not in k_set)
+        lefts = [_left_layout(il, s, k_set), ((), _free(il, shared), _ordered(big, k_set))]
+        rights = [_right_layout(ir, s, k_set), ((), _free(ir, shared), _ordered(big, k_set))]
+        for lay_l in lefts:
+            for lay_r in rights:
+                if lay_l is None or lay_r is None or lay_l[2] != lay_r[2]:
+                    continue
+                cand = (b.pair_cost(il, ir, s, lay_l, lay_r), (rl, il, lay_l), (rr, ir, lay_r), s)
+                if best is None or cand[0] < best[0]:
+                    best = cand
+    assert best is not None
+    _, (rl, il, (ll, ml, kk)), (rr, ir, (rlead, mr, _)), s = best
+
+    target_l = s + ll + ml + kk
+    target_r = s + rlead + kk + mr
+    rl = b.permute(rl, il, target_l)
+    rr = b.permute(rr, ir, target_r)
+    sg = (b.group_size(s),) if s else ()
+    gl, gr = b.group_size(ll), b.group_size(rlead)
+    # Broadcast dims: without S, matmul's right-aligned broadcasting fills a missing
+    # leading dim, so the explicit 1 is only needed when S is present.
+    pad = bool(s)
+    lead_l = ((gl,) if ll else ()) + ((1,) if rlead and (pad or ll) else ())
+    lead_r = ((1,) if ll and (pad or rlead) else ()) + ((gr,) if rlead else ())
+    lshape = (*sg, *lead_l, b.group_size(ml), b.group_size(kk))
+    rshape = (*sg, *lead_r, b.group_size(kk), b.group_size(mr))
+    mshape = (*sg, *((gl,) if ll else ()), *((gr,) if rlead else ()))
+    mshape = (*mshape, b.group_size(ml), b.group_size(mr))
+    rl = b.reshape(rl, b.shape_of(target_l), lshape)
+    rr = b.reshape(rr, b.shape_of(target_r), rshape)
+    out = b.emit("matmul", (rl, rr))
+    out_idx = s + ll + rlead + ml + mr
+    out = b.reshape(out, mshape, b.shape_of(out_idx))
+    return out, out_idx
+
+
+def compile_path(
+    operands: Sequence[Sequence[str]],
+    output: Sequence[str],
+    path: Sequence[Sequence[int]],
+    sizes: Mapping[str, int],
+    *,
+    dynamic: str | None = None,
+    nominal: Mapping[str, int] | None = None,
+) -> ContractionProgram:
+    """Lower an opt_einsum contraction path to a :class:`ContractionProgram`.
+
+    Args:
+        operands: Index names of each operand, in its memory order.
+        output: Index names of the result, in the wanted order.
+        path: Pairwise path as returned by ``opt_einsum.contract_path``
+            (each step lists positions in the current operand list; popped
+            operands are removed and the result appended).
+        sizes: Size of every index.
+        dynamic: Name of the one index whose size is only known at run time
+            (the batch index); shapes use ``-1`` for it.
+        nominal: Sizes assumed by the layout cost model (defaults to ``sizes``;
+            give the dynamic index a typical batch size here).
+
+    Returns:
+        The lowered program.
+    """
+    b = _Builder(sizes, dynamic, nominal or {})
+    live: list[tuple[int, tuple[str, ...]]] = []
+    for idx in operands:
+        live.append((b.new_reg(), tuple(idx)))
+    out_set = tuple(output)
+    for step in path:
+        picked = [live[p] for p in step]
+        for p in sorted(step, reverse=True):
+            live.pop(p)
+        keep = set(out_set)
+        for _, idx in live:
+            keep.update(idx)
+        reg, idx = picked[0]
+        if len(picked) == 1:
+            dead = tuple(p for p, i in enumerate(idx) if i not in keep)
+            if dead:
+                reg = b.emit("sum", (reg,), dead)
+                idx = tuple(i for i in idx if i in keep)
+        for reg2, idx2 in picked[1:]:
+            reg, idx = _contract_pair(b, reg, idx, reg2, idx2, keep)
+        live.append((reg, idx))
+    if len(live) != 1:
+        raise ValueError(f"path leaves {len(live)} operands, expected 1")
+    reg, idx = live[0]
+    dead = tuple(p for p, i in enumerate(idx) if i not in out_set)
+    if dead:
+        reg = b.emit("sum", (reg,), dead)
+        idx = tuple(i for i in idx if i in out_set)
+    reg = b.permute(reg, idx, out_set)
+    return ContractionProgram(
+        n_inputs=len(operands),
+        instructions=b.dead_code_eliminated(reg),
+        result=reg,
+        output=out_set,
+        permuted_elements=b.permuted,
+    )

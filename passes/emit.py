@@ -1,0 +1,67 @@
+"""Emit an NdLinear contraction into an FX graph as explicit ops."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from ndcompile.layers import NdLinear, apply_ndlinear, mode_bias
+
+__all__ = ["emit_ndlinear", "set_submodule"]
+
+
+def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
+    """Install ``module`` at dotted path ``qualname`` under ``root`` (parents must exist)."""
+    parent_name, _, leaf = qualname.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, module)
+
+
+def emit_ndlinear(
+    gm: fx.GraphModule,
+    x: fx.Node,
+    qualname: str,
+    layer: NdLinear,
+    *,
+    flat_input: bool,
+) -> fx.Node:
+    """Insert ``layer``'s contraction on ``x`` at the graph's insert point.
+
+    The layer must already be installed at ``qualname`` in ``gm``; its parameters
+    are read with ``get_attr`` so they stay trainable parameters of ``gm``.
+
+    Args:
+        gm: The graph module being rewritten.
+        x: The input node.
+        qualname: Where ``layer`` lives in ``gm``.
+        layer: The layer (for its shapes and plan).
+        flat_input: True when ``x`` is ``(*, prod d)`` (an ``nn.Linear`` site).
+
+    Returns:
+        The output node; ``meta["ndcompile_plan"]`` holds the plan.
+    """
+    tracer = GraphAppendingTracer(gm.graph)
+
+    def attr(name: str) -> Proxy:
+        return Proxy(gm.graph.get_attr(f"{qualname}.{name}"), tracer)
+
+    factors = [attr(f"factors.{k}") for k in range(len(layer.in_shape))]
+    operands = [f[0] for f in factors] if layer.rank == 1 else factors
+    bias = None
+    if layer.bias is not None:
+        bias = attr("bias")
+    elif layer.mode_biases is not None:
+        biases = [attr(f"mode_biases.{k}") for k in range(len(layer.in_shape))]
+        bias = mode_bias(biases, factors, layer.mode_order)
+    out = apply_ndlinear(
+        Proxy(x, tracer),
+        operands,
+        bias,
+        layer.plan(),
+        layer.in_shape,
+        layer.out_shape,
+        flat_input=flat_input,
+    )
+    out.node.meta["ndcompile_plan"] = layer.plan()
+    return out.node

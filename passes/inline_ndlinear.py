@@ -1,0 +1,66 @@
+"""Exact pass: inline NdLinear layers (ours and the reference one) as planned ops.
+
+The reference ``ndlinear.NdLinear`` runs 2(N-1) transposes and ``contiguous``
+copies per call; after this pass the graph holds only the planned
+matmul/reshape ops of :mod:`ndcompile.program`, with the reference layer's
+weights imported exactly (:meth:`NdLinear.from_reference`).
+
+Before::
+
+    nd = self.nd(x)
+
+After::
+
+    nd_factors_0 = self.nd.factors[0]; ...; matmul = torch.matmul(getitem, reshape) ...
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ndcompile.frontend import is_reference_ndlinear
+from ndcompile.layers import NdLinear
+from ndcompile.passes.emit import emit_ndlinear, set_submodule
+
+__all__ = ["inline_ndlinear"]
+
+
+def inline_ndlinear(gm: fx.GraphModule, *, optimizer: str = "auto") -> PassResult:
+    """Replace ``call_module`` NdLinear nodes by their planned contraction.
+
+    Args:
+        gm: A traced graph module (modified in place).
+        optimizer: Planner optimizer for the inlined layers.
+
+    Returns:
+        ``PassResult(gm, modified)``; unmodified when there is no NdLinear call.
+    """
+    modified = False
+    converted: dict[str, NdLinear] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if not (isinstance(module, NdLinear) or is_reference_ndlinear(module)):
+            continue
+        layer = converted.get(node.target)
+        if layer is None:
+            if isinstance(module, NdLinear):
+                layer = module
+                if optimizer != layer.optimizer:
+                    layer.replan(optimizer=optimizer)
+            else:
+                layer = NdLinear.from_reference(module, optimizer=optimizer)
+                set_submodule(gm, node.target, layer)
+            converted[node.target] = layer
+        with gm.graph.inserting_before(node):
+            out = emit_ndlinear(gm, node.args[0], node.target, layer, flat_input=False)
+        out.meta["tensor_meta"] = node.meta.get("tensor_meta")
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        modified = True
+    if modified:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
