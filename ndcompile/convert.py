@@ -13,8 +13,14 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from ndcompile.errors import NdCompileError
-from ndcompile.factorize import nearest_kronecker, rank_for_tolerance
-from ndcompile.frontend import as_tuple, is_reference_ndlinear, propagate_shapes, run_reference, trace
+from ndcompile.factorize_layers import capture_grams, capture_inputs, factorized_layer
+from ndcompile.frontend import (
+    as_tuple,
+    is_reference_ndlinear,
+    propagate_shapes,
+    run_reference,
+    trace,
+)
 from ndcompile.layers import NdLinear
 from ndcompile.network import check_optimizer
 from ndcompile.passes import (
@@ -60,23 +66,6 @@ def _exact_tolerance(outputs: Any) -> float:
     return 1e-4
 
 
-def _capture_inputs(gm: fx.GraphModule, names: Iterable[str], inputs: tuple) -> dict[str, Tensor]:
-    """First input each named module sees when ``gm`` runs on ``inputs``."""
-    captured: dict[str, Tensor] = {}
-    handles = []
-    for name in names:
-        def hook(_mod: nn.Module, args: tuple, *, _name: str = name) -> None:
-            captured.setdefault(_name, args[0].detach())
-        handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            gm(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
-
-
 def _layer_entry(site: LinearSite) -> LayerReport:
     m = site.module
     return LayerReport(
@@ -116,10 +105,13 @@ def convert(
     shapes: ShapeOverrides | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    calibration: Iterable[Any] | None = None,
     n_modes: int = 2,
     min_features: int = 16,
     optimizer: str = "auto",
     skip_larger: bool = True,
+    alpha: float = 1.0,
+    zero_init: bool = True,
     verify: bool = True,
     leaf_modules: Sequence[type[nn.Module]] = (),
 ) -> fx.GraphModule:
@@ -134,16 +126,22 @@ def convert(
         example_input: A tensor (or tuple of tensors) the model accepts.
         mode: ``"fresh"`` (new, trainable NdLinear layers), ``"exact"`` (only
             function-preserving rewrites of NdLinear layers already present) or
-            ``"factorize"`` (nearest rank-R Kronecker sum of trained weights).
+            ``"factorize"`` (nearest rank-R Kronecker sum of trained weights) or
+            ``"adapter"`` (frozen dense base + trainable NdLinear adapter, NdLinear-LoRA).
         rank: Kronecker rank (``fresh``: default 1; ``factorize``: give ``rank`` or ``tol``).
         tol: ``factorize``: smallest rank whose relative weight error is <= tol.
         max_rank: Upper bound of the ``tol`` search.
         shapes: Per-layer overrides ``{"fc1": ((32, 32), (16, 16))}``.
         include: Glob patterns of layer names to convert (default: all).
         exclude: Glob patterns of layer names to keep dense.
+        calibration: ``factorize``: an iterable of example inputs; the fit then
+            minimises the output error on these activations (activation-aware)
+            instead of the weight error.
         n_modes: Modes to split a feature size into when the graph gives none.
         min_features: Layers with fewer input or output features stay dense.
         optimizer: Contraction-order optimizer (see ``ndcompile.network.OPTIMIZERS``).
+        alpha: ``adapter``: scale of the adapter update ``ΔW = alpha * (A1 ⊗ ... ⊗ AN)``.
+        zero_init: ``adapter``: start with ``ΔW = 0`` so the model is unchanged.
         skip_larger: Keep a layer dense when its factorization would have more
             parameters than the dense layer (otherwise convert it anyway).
         verify: Check the converted model against the original on the example
@@ -159,14 +157,11 @@ def convert(
     """
     if mode not in MODES:
         raise NdCompileError(f"unknown mode {mode!r}; valid modes are: {', '.join(MODES)}")
-    if mode == "adapter":
-        raise NdCompileError(
-            "mode='adapter' (NdLinear-LoRA) is not available in this version",
-            hint="use mode='fresh', 'exact' or 'factorize'",
-        )
     check_optimizer(optimizer)
     if mode == "factorize" and rank is None and tol is None:
-        raise NdCompileError("mode='factorize' needs rank=R or tol=t", hint="e.g. rank=4 or tol=0.1")
+        raise NdCompileError(
+            "mode='factorize' needs rank=R or tol=t", hint="e.g. rank=4 or tol=0.1"
+        )
     if rank is not None and rank < 1:
         raise NdCompileError(f"rank must be >= 1, got {rank}")
     inputs = as_tuple(example_input)
@@ -181,28 +176,37 @@ def convert(
         optimize(gm, optimizer=optimizer)
     else:
         sites = find_linear_sites(
-            gm, shapes=shapes, include=include, exclude=exclude,
-            n_modes=n_modes, min_features=min_features,
+            gm,
+            shapes=shapes,
+            include=include,
+            exclude=exclude,
+            n_modes=n_modes,
+            min_features=min_features,
         )
         entries = {site.name: _layer_entry(site) for site in sites}
         report.layers.extend(entries.values())
-        acts = (
-            _capture_inputs(gm, [s.name for s in sites if s.convertible], inputs)
-            if mode == "factorize" else {}
+        names = [s.name for s in sites if s.convertible]
+        acts = capture_inputs(gm, names, inputs) if mode == "factorize" else {}
+        grams = (
+            capture_grams(gm, names, calibration)
+            if mode == "factorize" and calibration is not None
+            else {}
         )
 
         def make_layer(site: LinearSite) -> NdLinear:
             if mode == "fresh":
                 layer = _fresh_layer(site, rank or 1, optimizer)
             else:
-                layer = _factorized_layer(site, entries[site.name], rank, tol, max_rank, optimizer)
-                x = acts.get(site.name)
-                if x is not None:
-                    with torch.no_grad():
-                        entries[site.name].output_rel_error = relative_error(
-                            site.module(x),
-                            layer(x.reshape(*x.shape[:-1], *layer.in_shape)).flatten(-len(layer.in_shape)),
-                        )
+                layer = factorized_layer(
+                    site,
+                    entries[site.name],
+                    rank=rank,
+                    tol=tol,
+                    max_rank=max_rank,
+                    optimizer=optimizer,
+                    x=acts.get(site.name),
+                    gram=grams.get(site.name),
+                )
             _fill_layer_stats(entries[site.name], layer, site)
             return layer
 
@@ -215,11 +219,25 @@ def convert(
                         f"rank {r} factors ({after:,} params) are not smaller than the dense "
                         f"weight ({site.module.weight.numel():,}); pass skip_larger=False to force"
                     )
-        rewrite_ndlinear(gm, sites, make_layer)
+        if mode == "adapter":
+            from ndcompile.adapters import apply_adapters
+
+            apply_adapters(
+                gm,
+                sites,
+                entries,
+                rank=rank or 1,
+                alpha=alpha,
+                zero_init=zero_init,
+                optimizer=optimizer,
+            )
+        else:
+            rewrite_ndlinear(gm, sites, make_layer)
     dead_code_elimination(gm)
     report.params_after = count_parameters(gm)
     if verify:
-        _verify(gm, inputs, reference, report)
+        strict = mode == "exact" or (mode == "adapter" and zero_init)
+        _verify(gm, inputs, reference, report, strict=strict)
     gm.report = report  # type: ignore[assignment]
     return gm
 
@@ -254,12 +272,21 @@ def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:
         plan = layer.plan()
         entries.append(
             LayerReport(
-                name=node.target, kind=kind, status="inlined",
-                in_features=layer.in_features, out_features=layer.out_features,
-                in_shape=layer.in_shape, out_shape=layer.out_shape, mode_source="layer",
-                rank=layer.rank, params_before=params, params_after=params,
-                flops_before=plan.naive_flops, flops_after=plan.flops,
-                naive_flops=plan.naive_flops, largest_intermediate=plan.largest_intermediate,
+                name=node.target,
+                kind=kind,
+                status="inlined",
+                in_features=layer.in_features,
+                out_features=layer.out_features,
+                in_shape=layer.in_shape,
+                out_shape=layer.out_shape,
+                mode_source="layer",
+                rank=layer.rank,
+                params_before=params,
+                params_after=params,
+                flops_before=plan.naive_flops,
+                flops_after=plan.flops,
+                naive_flops=plan.naive_flops,
+                largest_intermediate=plan.largest_intermediate,
                 plan=str(plan),
             )
         )
@@ -269,44 +296,20 @@ def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:
 def _fresh_layer(site: LinearSite, rank: int, optimizer: str) -> NdLinear:
     w = site.module.weight
     return NdLinear(
-        site.in_shape, site.out_shape, rank=rank, bias=site.module.bias is not None,
-        optimizer=optimizer, device=w.device, dtype=w.dtype,
+        site.in_shape,
+        site.out_shape,
+        rank=rank,
+        bias=site.module.bias is not None,
+        optimizer=optimizer,
+        device=w.device,
+        dtype=w.dtype,
     )
 
 
-def _factorized_layer(
-    site: LinearSite,
-    entry: LayerReport,
-    rank: int | None,
-    tol: float | None,
-    max_rank: int,
-    optimizer: str,
-) -> NdLinear:
-    w = site.module.weight.detach()
-    assert site.in_shape is not None and site.out_shape is not None
-    if rank is None:
-        fit = rank_for_tolerance(w, site.in_shape, site.out_shape, tol, max_rank=max_rank)
-    else:
-        fit = nearest_kronecker(w, site.in_shape, site.out_shape, rank)
-    layer = NdLinear(
-        site.in_shape, site.out_shape, rank=fit.factors[0].shape[0],
-        bias=site.module.bias is not None, optimizer=optimizer, device=w.device, dtype=w.dtype,
-    )
-    with torch.no_grad():
-        for f, src in zip(layer.factors, fit.factors, strict=True):
-            f.copy_(src)
-        if layer.bias is not None:
-            layer.bias.copy_(site.module.bias)
-    entry.weight_rel_error = float(fit.rel_error)
-    entry.extra["method"] = fit.method
-    if fit.spectrum is not None:
-        entry.extra["spectrum"] = [float(s) for s in fit.spectrum[:32]]
-    if getattr(fit, "tol_met", None) is not None:
-        entry.extra["tol_met"] = bool(fit.tol_met)
-    return layer
-
-
-def _verify(gm: fx.GraphModule, inputs: tuple, reference: Any, report: ConversionReport) -> None:
+def _verify(
+    gm: fx.GraphModule, inputs: tuple, reference: Any, report: ConversionReport, *, strict: bool
+) -> None:
+    """Run ``gm`` on the example; record the output error; raise if ``strict`` and it differs."""
     try:
         with torch.no_grad():
             out = gm(*inputs)
@@ -324,8 +327,8 @@ def _verify(gm: fx.GraphModule, inputs: tuple, reference: Any, report: Conversio
         return
     err = relative_error(reference, out)
     report.output_rel_error = err
-    if report.mode == "exact" and err > _exact_tolerance(reference):
+    if strict and err > _exact_tolerance(reference):
         raise NdCompileError(
-            f"exact conversion changed the model's output (relative error {err:.3e})",
+            f"{report.mode} conversion changed the model's output (relative error {err:.3e})",
             hint="this is a bug in an exact pass; please report it with the model",
         )

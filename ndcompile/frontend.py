@@ -59,9 +59,7 @@ def as_tuple(example_input: Any) -> tuple[Any, ...]:
     return (example_input,)
 
 
-def trace(
-    model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()
-) -> fx.GraphModule:
+def trace(model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.GraphModule:
     """Symbolically trace ``model`` with :class:`NdTracer`.
 
     Args:
@@ -126,4 +124,3 @@ def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return tuple(int(s) for s in shape) if shape is not None else None
-

@@ -25,9 +25,7 @@ __all__ = ["NdLinear", "apply_ndlinear", "mode_bias"]
 BiasKind = bool | str
 
 
-def mode_bias(
-    biases: Sequence[Tensor], factors: Sequence[Tensor], order: Sequence[int]
-) -> Tensor:
+def mode_bias(biases: Sequence[Tensor], factors: Sequence[Tensor], order: Sequence[int]) -> Tensor:
     """Full bias (flattened) of per-mode biases applied in ``order``.
 
     Applying mode ``k`` as ``x -> W_k x + b_k`` (``b_k`` broadcast over the other
@@ -155,7 +153,10 @@ class NdLinear(nn.Module):
         self._plan = self.network().plan(self.optimizer, nominal_batch=self.plan_batch)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(
-            [nn.Parameter(torch.empty(rank, h, d, **kw)) for d, h in zip(in_shape, out_shape)]
+            [
+                nn.Parameter(torch.empty(rank, h, d, **kw))
+                for d, h in zip(in_shape, out_shape, strict=True)
+            ]
         )
         self.bias: nn.Parameter | None = None
         self.mode_biases: nn.ParameterList | None = None
@@ -264,8 +265,11 @@ class NdLinear(nn.Module):
         ref = self.factors[0]
         bias = self.full_bias()
         dense = nn.Linear(
-            self.in_features, self.out_features, bias=bias is not None,
-            device=ref.device, dtype=ref.dtype,
+            self.in_features,
+            self.out_features,
+            bias=bias is not None,
+            device=ref.device,
+            dtype=ref.dtype,
         )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
@@ -305,8 +309,10 @@ class NdLinear(nn.Module):
             dtype=ref.dtype,
         )
         n = len(linears)
-        new.mode_order = tuple(range(n)) if getattr(layer, "transform_outer", True) else tuple(
-            reversed(range(n))
+        new.mode_order = (
+            tuple(range(n))
+            if getattr(layer, "transform_outer", True)
+            else tuple(reversed(range(n)))
         )
         with torch.no_grad():
             for f, m in zip(new.factors, linears, strict=True):
@@ -318,7 +324,9 @@ class NdLinear(nn.Module):
 
     def extra_repr(self) -> str:
         bias = {True: "full", False: "none", "modes": "modes"}[self.bias_kind]
-        return f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}, bias={bias}"
+        return (
+            f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}, bias={bias}"
+        )
 
     def num_parameters(self) -> int:
         """Number of parameters (factors and bias)."""

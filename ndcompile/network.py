@@ -124,7 +124,11 @@ def _plan_cached(
         flops = naive = math.prod(shapes[0])
         largest = math.prod(nominal[i] for i in output)
     else:
-        flops, naive, largest = int(info.opt_cost), int(info.naive_cost), int(info.largest_intermediate)
+        flops, naive, largest = (
+            int(info.opt_cost),
+            int(info.naive_cost),
+            int(info.largest_intermediate),
+        )
     return NetworkPlan(
         equation=eq,
         path=tuple(tuple(step) for step in path),

@@ -198,8 +198,10 @@ def find_linear_sites(
         if type(module) is nn.Linear and name not in called:
             parent = name.rpartition(".")[0] or "<root>"
             sites[name] = LinearSite(
-                name, module, skip_reason=f"not called directly by the traced graph "
-                f"(used inside {parent!r}, which is traced as a leaf)"
+                name,
+                module,
+                skip_reason=f"not called directly by the traced graph "
+                f"(used inside {parent!r}, which is traced as a leaf)",
             )
     return list(sites.values())
 
@@ -253,4 +255,3 @@ def _plan_site(
         )
         return
     site.in_shape, site.out_shape = modes, order_like(out, modes)
-
