@@ -283,7 +283,7 @@ def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:
                 rank=layer.rank,
                 params_before=params,
                 params_after=params,
-                flops_before=plan.naive_flops,
+                flops_before=layer.sequential_flops(rows),
                 flops_after=plan.flops,
                 naive_flops=plan.naive_flops,
                 largest_intermediate=plan.largest_intermediate,

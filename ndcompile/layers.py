@@ -328,6 +328,15 @@ class NdLinear(nn.Module):
             f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}, bias={bias}"
         )
 
+    def sequential_flops(self, batch: int) -> int:
+        """FLOPs of applying the modes one at a time in ``mode_order`` (the paper's way)."""
+        dims = list(self.in_shape)
+        total = 0
+        for k in self.mode_order:
+            total += 2 * batch * math.prod(dims) * self.out_shape[k] * self.rank
+            dims[k] = self.out_shape[k]
+        return total
+
     def num_parameters(self) -> int:
         """Number of parameters (factors and bias)."""
         return sum(p.numel() for p in self.parameters())
