@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils._pytree import tree_leaves
 
 from ndcompile.errors import NdCompileError
@@ -25,8 +28,11 @@ from ndcompile.layers import NdLinear
 from ndcompile.network import check_optimizer
 from ndcompile.passes import (
     LinearSite,
+    annotate_shapes,
     dead_code_elimination,
+    eliminate_transposes,
     find_linear_sites,
+    fuse_contractions,
     inline_ndlinear,
     rewrite_ndlinear,
 )
@@ -173,7 +179,12 @@ def convert(
 
     if mode == "exact":
         report.layers.extend(_exact_entries(gm))
-        optimize(gm, optimizer=optimizer)
+        gm = optimize(gm, inputs, optimizer=optimizer)
+        for region in gm.meta.get("ndcompile_fused", []):
+            report.notes.append(
+                f"fused linear region ending at {region.node!r}: {region.contractions} "
+                f"contractions, FLOPs {region.flops_before:,} -> {region.flops_after:,}"
+            )
     else:
         sites = find_linear_sites(
             gm,
@@ -242,15 +253,50 @@ def convert(
     return gm
 
 
-def optimize(gm: fx.GraphModule, *, optimizer: str = "auto") -> fx.GraphModule:
-    """Run the exact passes on a traced ``gm`` in place and return it.
+def _shapes_pass(inputs: tuple) -> Callable[[fx.GraphModule], PassResult]:
+    def annotate(gm: fx.GraphModule) -> PassResult:
+        annotate_shapes(gm, inputs)
+        return PassResult(gm, False)
 
-    NdLinear layers (ours or the reference package's) become planned contractions.
+    return annotate
+
+
+def optimize(
+    gm: fx.GraphModule | nn.Module, example_input: Any, *, optimizer: str = "auto"
+) -> fx.GraphModule:
+    """Run the exact passes and return the optimized graph module.
+
+    Pipeline (a ``PassManager``): inline NdLinear layers (ours and the reference
+    package's) as planned contractions, fuse connected linear regions into one
+    optimally ordered network each, cancel/compose transposes, remove dead code.
+    The function is unchanged up to floating-point rounding.
+
+    Args:
+        gm: A traced ``GraphModule`` (optimized in place) or an ``nn.Module``
+            (traced first; the module itself is not modified).
+        example_input: Example input(s), for shapes.
+        optimizer: Contraction-order optimizer.
+
+    Returns:
+        The optimized ``GraphModule``; ``gm.meta["ndcompile_fused"]`` lists the fused
+        regions with FLOPs before/after.
     """
     check_optimizer(optimizer)
-    inline_ndlinear(gm, optimizer=optimizer)
-    dead_code_elimination(gm)
-    return gm
+    inputs = as_tuple(example_input)
+    if not isinstance(gm, fx.GraphModule):
+        gm = trace(copy.deepcopy(gm))
+    propagate_shapes(gm, inputs)
+    manager = PassManager(
+        passes=[
+            functools.partial(inline_ndlinear, optimizer=optimizer),
+            _shapes_pass(inputs),
+            functools.partial(fuse_contractions, optimizer=optimizer),
+            eliminate_transposes,
+            dead_code_elimination,
+        ],
+        steps=1,
+    )
+    return manager(gm).graph_module
 
 
 def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:

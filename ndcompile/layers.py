@@ -25,7 +25,12 @@ __all__ = ["NdLinear", "apply_ndlinear", "mode_bias"]
 BiasKind = bool | str
 
 
-def mode_bias(biases: Sequence[Tensor], factors: Sequence[Tensor], order: Sequence[int]) -> Tensor:
+def mode_bias(
+    biases: Sequence[Tensor],
+    factors: Sequence[Tensor],
+    order: Sequence[int],
+    out_shape: Sequence[int],
+) -> Tensor:
     """Full bias (flattened) of per-mode biases applied in ``order``.
 
     Applying mode ``k`` as ``x -> W_k x + b_k`` (``b_k`` broadcast over the other
@@ -37,12 +42,13 @@ def mode_bias(biases: Sequence[Tensor], factors: Sequence[Tensor], order: Sequen
         biases: ``b_k`` of shape ``(h_k,)`` per mode.
         factors: Rank-1 factors ``(1, h_k, d_k)`` per mode.
         order: The order in which the modes are applied.
+        out_shape: ``(h1..hN)``.
 
     Returns:
         The bias of shape ``(prod h,)``.
     """
     n = len(factors)
-    out_shape = [f.shape[1] for f in factors]
+    out_shape = list(out_shape)
     total = None
     for t, k in enumerate(order):
         term = biases[k]
@@ -69,6 +75,7 @@ def apply_ndlinear(
     out_shape: tuple[int, ...],
     *,
     flat_input: bool,
+    n_lead: int | None = None,
 ) -> Any:
     """The NdLinear computation on tensors or FX proxies.
 
@@ -81,13 +88,21 @@ def apply_ndlinear(
         out_shape: ``(h1..hN)``.
         flat_input: Whether input and output have flattened modes (the ``nn.Linear``
             convention) rather than N-D modes.
+        n_lead: Number of leading (batch) dims when known statically. With exactly
+            one, no shape query is emitted (the graph stays a pure contraction).
 
     Returns:
         ``(*, prod h)`` if ``flat_input`` else ``(*, h1..hN)``.
     """
-    lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
-    y = plan.program.run(x.reshape((-1, *in_shape)), *factors)
-    y = y.reshape(lead + ((math.prod(out_shape),) if flat_input else out_shape))
+    out = (math.prod(out_shape),) if flat_input else out_shape
+    if n_lead == 1:
+        xin = x.reshape((-1, *in_shape)) if flat_input else x
+        y = plan.program.run(xin, *factors)
+        y = y.reshape((-1, *out)) if flat_input else y
+    else:
+        lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
+        y = plan.program.run(x.reshape((-1, *in_shape)), *factors)
+        y = y.reshape(lead + out)
     if bias is not None:
         y = y + (bias if flat_input else bias.reshape(out_shape))
     return y
@@ -226,7 +241,9 @@ class NdLinear(nn.Module):
     def full_bias(self) -> Tensor | None:
         """The bias over ``prod(out_shape)`` (computed from mode biases if needed)."""
         if self.mode_biases is not None:
-            return mode_bias(list(self.mode_biases), list(self.factors), self.mode_order)
+            return mode_bias(
+                list(self.mode_biases), list(self.factors), self.mode_order, self.out_shape
+            )
         return self.bias
 
     def forward(self, x: Tensor) -> Tensor:
@@ -246,6 +263,7 @@ class NdLinear(nn.Module):
             self.in_shape,
             self.out_shape,
             flat_input=False,
+            n_lead=x.dim() - n,
         )
 
     # ------------------------------------------------------------ conversions

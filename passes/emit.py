@@ -18,6 +18,12 @@ def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def _leading_dims(x: fx.Node, feature_dims: int) -> int | None:
+    meta = x.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else len(shape) - feature_dims
+
+
 def emit_ndlinear(
     gm: fx.GraphModule,
     x: fx.Node,
@@ -42,6 +48,7 @@ def emit_ndlinear(
         The output node; ``meta["ndcompile_plan"]`` holds the plan.
     """
     tracer = GraphAppendingTracer(gm.graph)
+    before = set(gm.graph.nodes)
 
     def attr(name: str) -> Proxy:
         return Proxy(gm.graph.get_attr(f"{qualname}.{name}"), tracer)
@@ -53,7 +60,7 @@ def emit_ndlinear(
         bias = attr("bias")
     elif layer.mode_biases is not None:
         biases = [attr(f"mode_biases.{k}") for k in range(len(layer.in_shape))]
-        bias = mode_bias(biases, factors, layer.mode_order)
+        bias = mode_bias(biases, factors, layer.mode_order, layer.out_shape)
     out = apply_ndlinear(
         Proxy(x, tracer),
         operands,
@@ -62,6 +69,11 @@ def emit_ndlinear(
         layer.in_shape,
         layer.out_shape,
         flat_input=flat_input,
+        n_lead=_leading_dims(x, 1 if flat_input else len(layer.in_shape)),
     )
     out.node.meta["ndcompile_plan"] = layer.plan()
+    # One inlined layer is one contraction source for fuse_contractions.
+    for node in gm.graph.nodes:
+        if node not in before:
+            node.meta["ndcompile_region"] = f"{qualname}@{out.node.name}"
     return out.node
