@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ndcompile.errors import NdCompileError
+from ndcompile.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.passes.linear_ops import lift_op
 from ndcompile.passes.linear_regions import (
     EINSUMS,
@@ -35,10 +39,6 @@ from ndcompile.passes.linear_regions import (
     Term,
     leaf_value,
 )
-from torch.fx.passes.infra.pass_base import PassResult
-
-from ndcompile.errors import NdCompileError
-from ndcompile.network import NetworkPlan, TensorNetwork, check_optimizer
 
 __all__ = ["FusedRegion", "fuse_contractions", "lift_regions"]
 

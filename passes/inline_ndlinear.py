@@ -17,11 +17,11 @@ After::
 from __future__ import annotations
 
 import torch.fx as fx
-from ndcompile.passes.emit import emit_ndlinear, set_submodule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ndcompile.frontend import is_reference_ndlinear
 from ndcompile.layers import NdLinear
+from ndcompile.passes.emit import emit_ndlinear, set_submodule
 
 __all__ = ["inline_ndlinear"]
 

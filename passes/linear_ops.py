@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
+
 from ndcompile.passes.linear_regions import (
     EINSUMS,
     LINEARS,
@@ -27,7 +29,6 @@ from ndcompile.passes.linear_regions import (
     regroup,
     unify,
 )
-from torch import nn
 
 __all__ = ["lift_op", "node_dyn"]
 

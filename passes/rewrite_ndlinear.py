@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch.fx as fx
-from ndcompile.passes.emit import emit_ndlinear, set_submodule
-from ndcompile.passes.find_linear import LinearSite
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ndcompile.layers import NdLinear
+from ndcompile.passes.emit import emit_ndlinear, set_submodule
+from ndcompile.passes.find_linear import LinearSite
 
 __all__ = ["LayerFactory", "rewrite_ndlinear"]
 
