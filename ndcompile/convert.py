@@ -19,7 +19,6 @@ from ndcompile.errors import NdCompileError
 from ndcompile.factorize_layers import capture_grams, capture_inputs, factorized_layer
 from ndcompile.frontend import (
     as_tuple,
-    is_reference_ndlinear,
     propagate_shapes,
     run_reference,
     trace,
@@ -88,8 +87,10 @@ def _layer_entry(site: LinearSite) -> LayerReport:
     )
 
 
-def _fill_layer_stats(entry: LayerReport, layer: NdLinear, site: LinearSite) -> None:
-    layer.replan(plan_batch=max(site.rows, 1))
+def _fill_layer_stats(
+    entry: LayerReport, layer: NdLinear, site: LinearSite, autotune: bool = False
+) -> None:
+    layer.replan(plan_batch=max(site.rows, 1), autotune=autotune)
     plan = layer.plan()
     entry.status = "converted"
     entry.rank = layer.rank
@@ -97,7 +98,7 @@ def _fill_layer_stats(entry: LayerReport, layer: NdLinear, site: LinearSite) -> 
     entry.flops_after = (plan.flops + (layer.out_features * site.rows)) * len(site.nodes)
     entry.naive_flops = plan.naive_flops
     entry.largest_intermediate = plan.largest_intermediate
-    entry.plan = str(plan)
+    entry.plan = str(layer.plan_choice() or plan)
 
 
 def convert(
@@ -115,6 +116,7 @@ def convert(
     n_modes: int = 2,
     min_features: int = 16,
     optimizer: str = "auto",
+    autotune: bool = False,
     skip_larger: bool = True,
     alpha: float = 1.0,
     zero_init: bool = True,
@@ -178,8 +180,8 @@ def convert(
     report = ConversionReport(mode=mode, params_before=count_parameters(model))
 
     if mode == "exact":
-        report.layers.extend(_exact_entries(gm))
         gm = optimize(gm, inputs, optimizer=optimizer)
+        report.layers.extend(_exact_entries(gm))
         for region in gm.meta.get("ndcompile_fused", []):
             report.notes.append(
                 f"fused linear region ending at {region.node!r}: {region.contractions} "
@@ -218,7 +220,7 @@ def convert(
                     x=acts.get(site.name),
                     gram=grams.get(site.name),
                 )
-            _fill_layer_stats(entries[site.name], layer, site)
+            _fill_layer_stats(entries[site.name], layer, site, autotune)
             return layer
 
         for site in sites:
@@ -300,26 +302,16 @@ def optimize(
 
 
 def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:
+    """Report entries of the layers ``inline_ndlinear`` recorded in ``gm.meta``."""
     entries = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        if isinstance(module, NdLinear):
-            layer, kind = module, "NdLinear"
-        elif is_reference_ndlinear(module):
-            layer, kind = NdLinear.from_reference(module), "ndlinear.NdLinear"
-        else:
-            continue
-        params = sum(p.numel() for p in module.parameters())
-        meta = node.args[0].meta.get("tensor_meta")
-        rows = math.prod(meta.shape[: -len(layer.in_shape)]) if meta is not None else 1
-        layer.replan(plan_batch=max(rows, 1))
+    for item in gm.meta.get("ndcompile_inlined", []):
+        layer = gm.get_submodule(item.name)
+        assert isinstance(layer, NdLinear)
         plan = layer.plan()
         entries.append(
             LayerReport(
-                name=node.target,
-                kind=kind,
+                name=item.name,
+                kind=item.kind,
                 status="inlined",
                 in_features=layer.in_features,
                 out_features=layer.out_features,
@@ -327,13 +319,13 @@ def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:
                 out_shape=layer.out_shape,
                 mode_source="layer",
                 rank=layer.rank,
-                params_before=params,
-                params_after=params,
-                flops_before=layer.sequential_flops(rows),
+                params_before=item.params,
+                params_after=layer.num_parameters(),
+                flops_before=layer.sequential_flops(item.rows),
                 flops_after=plan.flops,
                 naive_flops=plan.naive_flops,
                 largest_intermediate=plan.largest_intermediate,
-                plan=str(plan),
+                plan=str(layer.plan_choice() or plan),
             )
         )
     return entries

@@ -19,10 +19,14 @@ from torch import Tensor, nn
 
 from ndcompile.errors import NdCompileError
 from ndcompile.network import NetworkPlan, TensorNetwork, check_optimizer
+from ndcompile.plan import PlanChoice, plan_ndlinear
 
 __all__ = ["NdLinear", "apply_ndlinear", "mode_bias"]
 
 BiasKind = bool | str
+
+#: Planner names accepted by :class:`NdLinear`.
+PLANNERS = ("cost", "flops")
 
 
 def mode_bias(
@@ -119,6 +123,11 @@ class NdLinear(nn.Module):
             ``"modes"`` for the paper's per-mode biases (rank 1 only).
         optimizer: opt_einsum optimizer used to plan the contraction.
         plan_batch: Batch size assumed when planning (any batch works at run time).
+        planner: ``"cost"`` (default) searches mode groupings x order x layout with
+            the cost model of :mod:`ndcompile.plan`; ``"flops"`` uses opt_einsum's
+            FLOP-optimal order only.
+        autotune: Time the best candidate plans on the real shapes and keep the
+            fastest (cached on disk per shape/dtype/device).
         device: Parameter device.
         dtype: Parameter dtype.
 
@@ -140,6 +149,8 @@ class NdLinear(nn.Module):
         *,
         optimizer: str = "auto",
         plan_batch: int = 64,
+        planner: str = "cost",
+        autotune: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -165,7 +176,14 @@ class NdLinear(nn.Module):
         self.mode_order: tuple[int, ...] = tuple(range(len(in_shape)))
         self.optimizer = check_optimizer(optimizer)
         self.plan_batch = int(plan_batch)
-        self._plan = self.network().plan(self.optimizer, nominal_batch=self.plan_batch)
+        if planner not in PLANNERS:
+            raise NdCompileError(
+                f"unknown planner {planner!r}; valid planners are: {', '.join(PLANNERS)}"
+            )
+        self.planner = planner
+        self.autotune = bool(autotune)
+        self._choice: PlanChoice | None = None
+        self._plan = self._make_plan(dtype)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(
             [
@@ -221,15 +239,42 @@ class NdLinear(nn.Module):
         """The layer's tensor network (input ``x`` and factors ``W0..W{N-1}``)."""
         return TensorNetwork.from_ndlinear(self.in_shape, self.out_shape, self.rank)
 
+    def _make_plan(self, dtype: torch.dtype | None = None) -> NetworkPlan:
+        if self.planner == "flops":
+            self._choice = None
+            return self.network().plan(self.optimizer, nominal_batch=self.plan_batch)
+        self._choice = plan_ndlinear(
+            self.in_shape,
+            self.out_shape,
+            self.rank,
+            batch=self.plan_batch,
+            optimizer=self.optimizer,
+            autotune=self.autotune,
+            dtype=dtype or torch.get_default_dtype(),
+        )
+        return self._choice.chosen.plan
+
     def plan(self) -> NetworkPlan:
         """The contraction plan the forward pass executes (made once, at construction)."""
         return self._plan
 
-    def replan(self, *, optimizer: str | None = None, plan_batch: int | None = None) -> None:
-        """Plan again for another optimizer or typical batch size."""
+    def plan_choice(self) -> PlanChoice | None:
+        """The planner's decision with every candidate's estimate (``planner="cost"``)."""
+        return self._choice
+
+    def replan(
+        self,
+        *,
+        optimizer: str | None = None,
+        plan_batch: int | None = None,
+        autotune: bool | None = None,
+    ) -> None:
+        """Plan again for another optimizer, typical batch size or autotune setting."""
         self.optimizer = check_optimizer(optimizer or self.optimizer)
         self.plan_batch = int(plan_batch or self.plan_batch)
-        self._plan = self.network().plan(self.optimizer, nominal_batch=self.plan_batch)
+        if autotune is not None:
+            self.autotune = autotune
+        self._plan = self._make_plan(self.factors[0].dtype)
 
     # ---------------------------------------------------------------- compute
     def factor_operands(self) -> list[Tensor]:

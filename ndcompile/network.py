@@ -105,6 +105,7 @@ def _plan_cached(
     dynamic: str | None,
     nominal_batch: int,
     optimizer: str,
+    fixed_path: tuple[tuple[int, ...], ...] | None = None,
 ) -> NetworkPlan:
     size_map = dict(sizes)
     letters = {name: opt_einsum.get_symbol(k) for k, name in enumerate(size_map)}
@@ -118,7 +119,10 @@ def _plan_cached(
         path: list[tuple[int, ...]] = [(0,)]
         info = None
     else:
-        path, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=optimizer)
+        strategy = list(fixed_path) if fixed_path is not None else optimizer
+        path, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=strategy)
+        if fixed_path is not None:
+            optimizer = "fixed"
     program = compile_path(operands, output, path, size_map, dynamic=dynamic, nominal=nominal)
     if info is None:
         flops = naive = math.prod(shapes[0])
@@ -271,12 +275,19 @@ class TensorNetwork:
         """The network as an einsum equation with one letter per index."""
         return self.plan(optimizer="greedy").equation
 
-    def plan(self, optimizer: str = "auto", *, nominal_batch: int = 64) -> NetworkPlan:
+    def plan(
+        self,
+        optimizer: str = "auto",
+        *,
+        nominal_batch: int = 64,
+        path: Sequence[Sequence[int]] | None = None,
+    ) -> NetworkPlan:
         """Choose a contraction order with opt_einsum and lower it (cached).
 
         Args:
             optimizer: One of :data:`OPTIMIZERS`.
             nominal_batch: Size assumed for the dynamic index when planning.
+            path: Use this pairwise path (opt_einsum format) instead of searching.
 
         Returns:
             The plan; its program accepts operands in :attr:`tensors` order.
@@ -284,7 +295,10 @@ class TensorNetwork:
         check_optimizer(optimizer)
         operands = tuple(self.indices(t) for t in self.tensors)
         sizes = tuple((i, self.sizes[i]) for i in dict.fromkeys(i for op in operands for i in op))
-        return _plan_cached(operands, self.output, sizes, self.dynamic, nominal_batch, optimizer)
+        fixed = tuple(tuple(step) for step in path) if path is not None else None
+        return _plan_cached(
+            operands, self.output, sizes, self.dynamic, nominal_batch, optimizer, fixed
+        )
 
     def flops(self, optimizer: str = "auto", *, nominal_batch: int = 64) -> int:
         """FLOPs of the planned contraction (opt_einsum's count)."""

@@ -40,12 +40,16 @@ class Instruction:
         srcs: Register numbers read.
         out: Register number written.
         arg: The shape (reshape), permutation (permute) or dims (sum).
+        dims: Nominal sizes for cost models: ``(batch, m, k, n, left_batch,
+            right_batch)`` of a matmul (the batch each operand really has; the other
+            is broadcast), the element count of a permute.
     """
 
     op: str
     srcs: tuple[int, ...]
     out: int
     arg: tuple[int, ...] = ()
+    dims: tuple[int, ...] = ()
 
 
 @dataclass
@@ -150,16 +154,19 @@ class _Builder:
         efficiency = min(1.0, min(m, n, max(k, 1)) / SATURATING_DIM)
         return cost + flops / max(efficiency, 1.0 / SATURATING_DIM)
 
-    def emit(self, op: str, srcs: tuple[int, ...], arg: tuple[int, ...] = ()) -> int:
+    def emit(
+        self, op: str, srcs: tuple[int, ...], arg: tuple[int, ...] = (), dims: tuple[int, ...] = ()
+    ) -> int:
         out = self.new_reg()
-        self.code.append(Instruction(op, srcs, out, arg))
+        self.code.append(Instruction(op, srcs, out, arg, dims))
         return out
 
     def permute(self, reg: int, idx: tuple[str, ...], target: tuple[str, ...]) -> int:
         if idx == target:
             return reg
         self.permuted += self.elements(idx)
-        return self.emit("permute", (reg,), tuple(idx.index(i) for i in target))
+        perm = tuple(idx.index(i) for i in target)
+        return self.emit("permute", (reg,), perm, (self.elements(idx),))
 
     def reshape(self, reg: int, current: tuple[int, ...], target: tuple[int, ...]) -> int:
         if current == target:
@@ -270,7 +277,15 @@ def _contract_pair(
     mshape = (*mshape, b.group_size(ml), b.group_size(mr))
     rl = b.reshape(rl, b.shape_of(target_l), lshape)
     rr = b.reshape(rr, b.shape_of(target_r), rshape)
-    out = b.emit("matmul", (rl, rr))
+    matmul_dims = (
+        b.elements(s + ll + rlead),
+        b.elements(ml),
+        b.elements(kk),
+        b.elements(mr),
+        b.elements(s + ll),
+        b.elements(s + rlead),
+    )
+    out = b.emit("matmul", (rl, rr), (), matmul_dims)
     out_idx = s + ll + rlead + ml + mr
     out = b.reshape(out, mshape, b.shape_of(out_idx))
     return out, out_idx

@@ -16,6 +16,9 @@ After::
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -23,11 +26,31 @@ from ndcompile.frontend import is_reference_ndlinear
 from ndcompile.layers import NdLinear
 from ndcompile.passes.emit import emit_ndlinear, set_submodule
 
-__all__ = ["inline_ndlinear"]
+__all__ = ["InlinedLayer", "inline_ndlinear"]
+
+
+@dataclass(frozen=True)
+class InlinedLayer:
+    """A layer ``inline_ndlinear`` replaced: name, original kind, params, rows per call."""
+
+    name: str
+    kind: str
+    params: int
+    rows: int
+
+
+def _rows(node: fx.Node, layer: NdLinear) -> int:
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    if meta is None:
+        return layer.plan_batch
+    return max(1, math.prod(meta.shape[: -len(layer.in_shape)]))
 
 
 def inline_ndlinear(gm: fx.GraphModule, *, optimizer: str = "auto") -> PassResult:
     """Replace ``call_module`` NdLinear nodes by their planned contraction.
+
+    Each layer is planned for the rows it sees in the shape-propagated graph (if
+    available). Inlined layers are recorded in ``gm.meta["ndcompile_inlined"]``.
 
     Args:
         gm: A traced graph module (modified in place).
@@ -46,14 +69,18 @@ def inline_ndlinear(gm: fx.GraphModule, *, optimizer: str = "auto") -> PassResul
             continue
         layer = converted.get(node.target)
         if layer is None:
+            params = sum(p.numel() for p in module.parameters())
             if isinstance(module, NdLinear):
-                layer = module
-                if optimizer != layer.optimizer:
-                    layer.replan(optimizer=optimizer)
+                layer, kind = module, "NdLinear"
             else:
-                layer = NdLinear.from_reference(module, optimizer=optimizer)
+                layer, kind = NdLinear.from_reference(module), "ndlinear.NdLinear"
                 set_submodule(gm, node.target, layer)
+            rows = _rows(node, layer)
+            layer.replan(optimizer=optimizer, plan_batch=rows)
             converted[node.target] = layer
+            gm.meta.setdefault("ndcompile_inlined", []).append(
+                InlinedLayer(node.target, kind, params, rows)
+            )
         with gm.graph.inserting_before(node):
             out = emit_ndlinear(gm, node.args[0], node.target, layer, flat_input=False)
         out.meta["tensor_meta"] = node.meta.get("tensor_meta")

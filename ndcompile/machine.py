@@ -1,0 +1,151 @@
+"""Machine constants for the planner's cost model, measured once and cached on disk.
+
+The cost model needs three numbers per device: sustained matmul throughput
+(GFLOP/s of a mid-size matmul), memory bandwidth (GB/s of a large copy) and the
+fixed overhead of one eager op (µs). :func:`machine_model` measures them once
+(about a second), caches them under the user's cache directory keyed by device,
+thread count and torch version, and honours overrides.
+
+Overrides, in order: the ``NDCOMPILE_MACHINE`` environment variable (a JSON object,
+e.g. ``{"matmul_gflops": 150, "bandwidth_gbs": 12, "op_overhead_us": 6}``), then the
+cache file. ``NDCOMPILE_CACHE_DIR`` moves the cache (default
+``$XDG_CACHE_HOME/ndcompile`` or ``~/.cache/ndcompile``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ndcompile.errors import NdCompileError
+
+__all__ = ["MachineModel", "cache_dir", "machine_model"]
+
+
+def cache_dir() -> Path:
+    """The directory holding ndcompile's caches (created on demand)."""
+    env = os.environ.get("NDCOMPILE_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ndcompile"
+
+
+@dataclass(frozen=True)
+class MachineModel:
+    """Measured constants of one device.
+
+    Attributes:
+        matmul_gflops: Sustained GFLOP/s of a mid-size float32 matmul.
+        bandwidth_gbs: GB/s of a large tensor copy (read + write counted).
+        op_overhead_us: Fixed cost of launching one op, in microseconds.
+        device: Device the numbers were measured on.
+    """
+
+    matmul_gflops: float
+    bandwidth_gbs: float
+    op_overhead_us: float
+    device: str = "cpu"
+
+    def key(self) -> str:
+        """A short identifier for cache keys."""
+        return f"{self.device}:{self.matmul_gflops:.0f}:{self.bandwidth_gbs:.0f}"
+
+
+def _median_time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(device: str = "cpu") -> MachineModel:
+    """Measure the constants on ``device`` (about a second on a CPU)."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    n = 512
+    a = torch.randn(n, n, device=dev)
+    b = torch.randn(n, n, device=dev)
+
+    def mm() -> None:
+        torch.matmul(a, b)
+        sync()
+
+    t_mm = _median_time(mm, 10)
+    big = torch.randn(8 * 1024 * 1024, device=dev)
+
+    def copy() -> None:
+        big.clone()
+        sync()
+
+    t_copy = _median_time(copy, 5)
+    tiny = torch.randn(4, device=dev)
+
+    def op() -> None:
+        tiny.add(1.0)
+        sync()
+
+    t_op = _median_time(op, 200)
+    return MachineModel(
+        matmul_gflops=2 * n**3 / t_mm / 1e9,
+        bandwidth_gbs=2 * big.numel() * 4 / t_copy / 1e9,
+        op_overhead_us=t_op * 1e6,
+        device=dev.type,
+    )
+
+
+_MEMO: dict[str, MachineModel] = {}
+
+
+def machine_model(device: str = "cpu", *, refresh: bool = False) -> MachineModel:
+    """The cost-model constants for ``device``: override, cache, or a fresh measurement.
+
+    Raises:
+        NdCompileError: If ``NDCOMPILE_MACHINE`` is set but is not valid JSON with the
+            three fields.
+    """
+    env = os.environ.get("NDCOMPILE_MACHINE")
+    if env:
+        try:
+            data = json.loads(env)
+            return MachineModel(
+                float(data["matmul_gflops"]),
+                float(data["bandwidth_gbs"]),
+                float(data["op_overhead_us"]),
+                str(data.get("device", device)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NdCompileError(
+                f"NDCOMPILE_MACHINE={env!r} is not a JSON object with matmul_gflops, "
+                "bandwidth_gbs and op_overhead_us",
+            ) from exc
+    key = f"{torch.device(device).type}-t{torch.get_num_threads()}-torch{torch.__version__}"
+    if key in _MEMO and not refresh:
+        return _MEMO[key]
+    path = cache_dir() / f"machine-{key}.json"
+    if path.exists() and not refresh:
+        try:
+            model = MachineModel(**json.loads(path.read_text()))
+            _MEMO[key] = model
+            return model
+        except (ValueError, TypeError):
+            pass  # a corrupt cache is re-measured below
+    model = measure(device)
+    _MEMO[key] = model
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(model)))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache dir only costs a re-measurement next time
+    return model
