@@ -80,6 +80,7 @@ def apply_ndlinear(
     *,
     flat_input: bool,
     n_lead: int | None = None,
+    lowrank: tuple[Any, Any] | None = None,
 ) -> Any:
     """The NdLinear computation on tensors or FX proxies.
 
@@ -94,18 +95,28 @@ def apply_ndlinear(
             convention) rather than N-D modes.
         n_lead: Number of leading (batch) dims when known statically. With exactly
             one, no shape query is emitted (the graph stays a pure contraction).
+        lowrank: ``(U, V)`` of a low-rank residual ``U @ V`` added to the weight.
 
     Returns:
         ``(*, prod h)`` if ``flat_input`` else ``(*, h1..hN)``.
     """
     out = (math.prod(out_shape),) if flat_input else out_shape
+    in_features = math.prod(in_shape)
     if n_lead == 1:
         xin = x.reshape((-1, *in_shape)) if flat_input else x
         y = plan.program.run(xin, *factors)
         y = y.reshape((-1, *out)) if flat_input else y
+        if lowrank is not None:
+            u, v = lowrank
+            residual = torch.matmul(torch.matmul(x.reshape((-1, in_features)), v.t()), u.t())
+            y = y + residual.reshape((-1, *out))
     else:
         lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
         y = plan.program.run(x.reshape((-1, *in_shape)), *factors)
+        if lowrank is not None:
+            u, v = lowrank
+            residual = torch.matmul(torch.matmul(x.reshape((-1, in_features)), v.t()), u.t())
+            y = y + residual.reshape((-1, *out_shape))
         y = y.reshape(lead + out)
     if bias is not None:
         y = y + (bias if flat_input else bias.reshape(out_shape))
@@ -122,6 +133,8 @@ class NdLinear(nn.Module):
         bias: ``True`` for a full bias over ``prod(out_shape)``, ``False`` for none,
             ``"modes"`` for the paper's per-mode biases (rank 1 only).
         optimizer: opt_einsum optimizer used to plan the contraction.
+        lowrank: Rank ``k`` of an optional low-rank residual ``U @ V`` added to the
+            Kronecker weight (a hybrid layer); ``U`` starts at zero.
         plan_batch: Batch size assumed when planning (any batch works at run time).
         planner: ``"cost"`` (default) searches mode groupings x order x layout with
             the cost model of :mod:`ndcompile.plan`; ``"flops"`` uses opt_einsum's
@@ -148,6 +161,7 @@ class NdLinear(nn.Module):
         bias: BiasKind = True,
         *,
         optimizer: str = "auto",
+        lowrank: int = 0,
         plan_batch: int = 64,
         planner: str = "cost",
         autotune: bool = False,
@@ -193,6 +207,14 @@ class NdLinear(nn.Module):
         )
         self.bias: nn.Parameter | None = None
         self.mode_biases: nn.ParameterList | None = None
+        if lowrank < 0:
+            raise NdCompileError(f"NdLinear lowrank must be >= 0, got {lowrank}")
+        self.lowrank = int(lowrank)
+        self.lowrank_u: nn.Parameter | None = None
+        self.lowrank_v: nn.Parameter | None = None
+        if lowrank:
+            self.lowrank_u = nn.Parameter(torch.empty(math.prod(out_shape), lowrank, **kw))
+            self.lowrank_v = nn.Parameter(torch.empty(lowrank, math.prod(in_shape), **kw))
         if bias is True:
             self.bias = nn.Parameter(torch.empty(math.prod(out_shape), **kw))
         elif bias == "modes":
@@ -231,6 +253,9 @@ class NdLinear(nn.Module):
             fan_bound = 1.0 / math.sqrt(self.in_features)
             if self.bias is not None:
                 self.bias.uniform_(-fan_bound, fan_bound)
+            if self.lowrank_u is not None and self.lowrank_v is not None:
+                self.lowrank_u.zero_()
+                self.lowrank_v.uniform_(-fan_bound, fan_bound)
             if self.mode_biases is not None:
                 for k, b in enumerate(self.mode_biases):
                     b.uniform_(-1.0, 1.0).mul_(1.0 / math.sqrt(self.in_shape[k]))
@@ -283,6 +308,12 @@ class NdLinear(nn.Module):
             return [f[0] for f in self.factors]
         return list(self.factors)
 
+    def lowrank_operands(self) -> tuple[Tensor, Tensor] | None:
+        """``(U, V)`` of the low-rank residual, or None."""
+        if self.lowrank_u is None or self.lowrank_v is None:
+            return None
+        return self.lowrank_u, self.lowrank_v
+
     def full_bias(self) -> Tensor | None:
         """The bias over ``prod(out_shape)`` (computed from mode biases if needed)."""
         if self.mode_biases is not None:
@@ -309,6 +340,7 @@ class NdLinear(nn.Module):
             self.out_shape,
             flat_input=False,
             n_lead=x.dim() - n,
+            lowrank=self.lowrank_operands(),
         )
 
     # ------------------------------------------------------------ conversions
@@ -321,6 +353,8 @@ class NdLinear(nn.Module):
                 term = torch.kron(term, f[r])
             weight = term if weight is None else weight + term
         assert weight is not None
+        if self.lowrank_u is not None and self.lowrank_v is not None:
+            weight = weight + self.lowrank_u @ self.lowrank_v
         return weight
 
     def to_dense(self) -> nn.Linear:
@@ -387,8 +421,10 @@ class NdLinear(nn.Module):
 
     def extra_repr(self) -> str:
         bias = {True: "full", False: "none", "modes": "modes"}[self.bias_kind]
+        extra = f", lowrank={self.lowrank}" if self.lowrank else ""
         return (
-            f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}, bias={bias}"
+            f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}, "
+            f"bias={bias}{extra}"
         )
 
     def sequential_flops(self, batch: int) -> int:

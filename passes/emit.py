@@ -61,6 +61,7 @@ def emit_ndlinear(
     elif layer.mode_biases is not None:
         biases = [attr(f"mode_biases.{k}") for k in range(len(layer.in_shape))]
         bias = mode_bias(biases, factors, layer.mode_order, layer.out_shape)
+    lowrank = (attr("lowrank_u"), attr("lowrank_v")) if layer.lowrank else None
     out = apply_ndlinear(
         Proxy(x, tracer),
         operands,
@@ -70,6 +71,7 @@ def emit_ndlinear(
         layer.out_shape,
         flat_input=flat_input,
         n_lead=_leading_dims(x, 1 if flat_input else len(layer.in_shape)),
+        lowrank=lowrank,
     )
     out.node.meta["ndcompile_plan"] = layer.plan()
     # One inlined layer is one contraction source for fuse_contractions.
