@@ -15,7 +15,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils._pytree import tree_leaves
 
-from ndcompile.errors import NdCompileError
+from ndcompile.errors import NdCompileError, UntraceableError
 from ndcompile.factorize_layers import capture_grams, capture_inputs, factorized_layer
 from ndcompile.frontend import (
     as_tuple,
@@ -25,6 +25,7 @@ from ndcompile.frontend import (
 )
 from ndcompile.layers import NdLinear
 from ndcompile.network import check_optimizer
+from ndcompile.partial import convert_partially
 from ndcompile.passes import (
     LinearSite,
     annotate_shapes,
@@ -122,6 +123,7 @@ def convert(
     zero_init: bool = True,
     verify: bool = True,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    fallback: bool = True,
 ) -> fx.GraphModule:
     """Convert ``model``'s dense layers into NdLinear contractions.
 
@@ -155,6 +157,9 @@ def convert(
         verify: Check the converted model against the original on the example
             input (``exact`` raises if they differ beyond fp tolerance).
         leaf_modules: Extra module types to keep opaque while tracing.
+        fallback: If the whole model cannot be traced, convert its largest
+            traceable submodules instead (the result is then the model's own class
+            with converted children, not a GraphModule) and report what was left.
 
     Returns:
         The converted ``fx.GraphModule``; ``.report`` describes every layer.
@@ -172,12 +177,51 @@ def convert(
         )
     if rank is not None and rank < 1:
         raise NdCompileError(f"rank must be >= 1, got {rank}")
+    locals_for_fallback = {
+        "mode": mode,
+        "rank": rank,
+        "tol": tol,
+        "max_rank": max_rank,
+        "include": include,
+        "exclude": exclude,
+        "calibration": None,
+        "n_modes": n_modes,
+        "min_features": min_features,
+        "optimizer": optimizer,
+        "autotune": autotune,
+        "skip_larger": skip_larger,
+        "alpha": alpha,
+        "zero_init": zero_init,
+        "verify": False,
+        "leaf_modules": leaf_modules,
+        "fallback": True,
+    }
     inputs = as_tuple(example_input)
     work = copy.deepcopy(model)
     reference = run_reference(model, inputs) if verify else None
-    gm = trace(work, leaf_modules=leaf_modules)
-    propagate_shapes(gm, inputs)
     report = ConversionReport(mode=mode, params_before=count_parameters(model))
+    try:
+        gm = trace(work, leaf_modules=leaf_modules)
+    except UntraceableError as exc:
+        if not fallback:
+            raise
+        options = {k: v for k, v in locals_for_fallback.items()}
+        result = convert_partially(
+            work,
+            inputs,
+            lambda name, module, args: convert(
+                module, args, **options, shapes=_sub_shapes(shapes, name)
+            ),
+            report,
+            str(exc).splitlines()[0],
+        )
+        report.params_after = count_parameters(result)
+        if verify:
+            strict = mode == "exact" or (mode == "adapter" and zero_init)
+            _verify(result, inputs, reference, report, strict=strict)
+        result.report = report  # type: ignore[assignment]
+        return result  # type: ignore[return-value]
+    propagate_shapes(gm, inputs)
 
     if mode == "exact":
         gm = optimize(gm, inputs, optimizer=optimizer)
@@ -299,6 +343,14 @@ def optimize(
         steps=1,
     )
     return manager(gm).graph_module
+
+
+def _sub_shapes(shapes: ShapeOverrides | None, prefix: str) -> dict | None:
+    """The ``shapes`` overrides under submodule ``prefix``, with the prefix removed."""
+    if not shapes:
+        return None
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in shapes.items() if k.startswith(f"{prefix}.")}
 
 
 def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:

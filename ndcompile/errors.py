@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NdCompileError"]
+__all__ = ["NdCompileError", "UntraceableError"]
 
 
 class NdCompileError(ValueError):
@@ -24,3 +24,7 @@ class NdCompileError(ValueError):
         if hint:
             text = f"{text}\n  hint: {hint}"
         super().__init__(text)
+
+
+class UntraceableError(NdCompileError):
+    """The model (or a submodule) cannot be traced by torch.fx."""

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ndcompile.errors import NdCompileError
+from ndcompile.errors import NdCompileError, UntraceableError
 from ndcompile.layers import NdLinear
 
 __all__ = [
@@ -76,7 +76,7 @@ def trace(model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()) -> 
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # any tracing failure is reported the same way
-        raise NdCompileError(
+        raise UntraceableError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}",
             layer=type(model).__name__,
             hint="make data-dependent control flow static, or pass the offending submodule "
