@@ -19,6 +19,7 @@ from ndcompile.errors import NdCompileError, UntraceableError
 from ndcompile.factorize_layers import capture_grams, capture_inputs, factorized_layer
 from ndcompile.frontend import (
     as_tuple,
+    is_reference_ndlinear,
     propagate_shapes,
     run_reference,
     trace,
@@ -124,6 +125,7 @@ def convert(
     verify: bool = True,
     leaf_modules: Sequence[type[nn.Module]] = (),
     fallback: bool = True,
+    _name_prefix: str = "",
 ) -> fx.GraphModule:
     """Convert ``model``'s dense layers into NdLinear contractions.
 
@@ -196,6 +198,13 @@ def convert(
         "leaf_modules": leaf_modules,
         "fallback": True,
     }
+    if isinstance(model, nn.Linear | NdLinear) or is_reference_ndlinear(model):
+        raise NdCompileError(
+            f"the model is a bare {type(model).__name__}; convert() rewrites the layers "
+            "inside a model",
+            layer=type(model).__name__,
+            hint="wrap it: ndcompile.convert(nn.Sequential(layer), x)",
+        )
     inputs = as_tuple(example_input)
     work = copy.deepcopy(model)
     reference = run_reference(model, inputs) if verify else None
@@ -210,7 +219,7 @@ def convert(
             work,
             inputs,
             lambda name, module, args: convert(
-                module, args, **options, shapes=_sub_shapes(shapes, name)
+                module, args, **options, shapes=shapes, _name_prefix=f"{_name_prefix}{name}."
             ),
             report,
             str(exc).splitlines()[0],
@@ -239,6 +248,7 @@ def convert(
             exclude=exclude,
             n_modes=n_modes,
             min_features=min_features,
+            name_prefix=_name_prefix,
         )
         entries = {site.name: _layer_entry(site) for site in sites}
         report.layers.extend(entries.values())
@@ -343,14 +353,6 @@ def optimize(
         steps=1,
     )
     return manager(gm).graph_module
-
-
-def _sub_shapes(shapes: ShapeOverrides | None, prefix: str) -> dict | None:
-    """The ``shapes`` overrides under submodule ``prefix``, with the prefix removed."""
-    if not shapes:
-        return None
-    cut = len(prefix) + 1
-    return {k[cut:]: v for k, v in shapes.items() if k.startswith(f"{prefix}.")}
 
 
 def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,22 +103,34 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Non
             hint="pass a tuple with one example tensor per forward argument",
         )
     try:
-        with torch.no_grad():
+        # ShapeProp prints a traceback to stderr on failure; the error below says it all.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
-        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-        raise NdCompileError(
-            f"running the model on the example input {shapes} failed: "
-            f"{type(exc).__name__}: {exc}".splitlines()[0],
-            layer=type(gm).__name__,
-            hint="give an example input of the shape the model expects",
-        ) from exc
+        raise _example_error(type(gm).__name__, example_inputs, exc) from exc
 
 
 def run_reference(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
-    """Run the original model on the example inputs without recording gradients."""
-    with torch.no_grad():
-        return model(*example_inputs)
+    """Run the original model on the example inputs without recording gradients.
+
+    Raises:
+        NdCompileError: If the model fails on the example input.
+    """
+    try:
+        with torch.no_grad():
+            return model(*example_inputs)
+    except Exception as exc:
+        raise _example_error(type(model).__name__, example_inputs, exc) from exc
+
+
+def _example_error(name: str, example_inputs: tuple[Any, ...], exc: Exception) -> NdCompileError:
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    return NdCompileError(
+        f"running the model on the example input {shapes} failed: "
+        f"{type(exc).__name__}: {exc}".splitlines()[0],
+        layer=name,
+        hint="give an example input of the shape the model expects",
+    )
 
 
 def node_shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -325,7 +325,7 @@ class NdLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the layer to ``x`` of shape ``(*, d1, ..., dN)``."""
         n = len(self.in_shape)
-        if x.dim() < n + 1 or tuple(x.shape[-n:]) != self.in_shape:
+        if x.dim() < n or tuple(x.shape[-n:]) != self.in_shape:
             raise NdCompileError(
                 f"NdLinear expects input (*, {', '.join(map(str, self.in_shape))}), "
                 f"got {tuple(x.shape)}",

@@ -190,6 +190,11 @@ class TensorNetwork:
         for idx, size in zip(indices, shape, strict=True):
             if idx == self.dynamic:
                 continue
+            if size < 1:
+                raise NdCompileError(
+                    f"tensor {name!r}: index {idx!r} has size {size}; only the dynamic "
+                    f"index ({self.dynamic!r}) may have an unknown size"
+                )
             if self.sizes.setdefault(idx, size) != size:
                 raise NdCompileError(
                     f"tensor {name!r}: index {idx!r} has size {size}, "
@@ -249,6 +254,13 @@ class TensorNetwork:
         if len(terms) != len(shapes):
             raise NdCompileError(
                 f"einsum {equation!r} has {len(terms)} operands but {len(shapes)} shapes"
+            )
+        if len(set(out)) != len(out):
+            raise NdCompileError(f"einsum {equation!r}: output subscripts {out!r} repeat an index")
+        missing = sorted(set(out) - set("".join(terms)))
+        if missing:
+            raise NdCompileError(
+                f"einsum {equation!r}: output indices {missing} appear in no operand"
             )
         names = list(names) if names is not None else [f"t{k}" for k in range(len(terms))]
         tn = cls(output=tuple(out))

@@ -147,6 +147,7 @@ def find_linear_sites(
     exclude: Sequence[str] | None = None,
     n_modes: int = 2,
     min_features: int = 16,
+    name_prefix: str = "",
 ) -> list[LinearSite]:
     """List every ``nn.Linear`` in ``gm`` with its planned modes or a skip reason.
 
@@ -161,12 +162,19 @@ def find_linear_sites(
         exclude: Glob patterns of layer names to leave alone.
         n_modes: Modes to split a feature size into when the graph gives none.
         min_features: Layers with fewer input or output features are skipped.
+        name_prefix: Prefix of ``gm`` inside a larger model (for partial conversion):
+            ``include``/``exclude``/``shapes`` match ``name_prefix + name``.
 
     Returns:
         Sites in graph order, followed by uncalled Linears.
     """
-    shapes = dict(shapes or {})
-    unknown = sorted(set(shapes) - {n for n, m in gm.named_modules() if isinstance(m, nn.Linear)})
+    linears = {name_prefix + n for n, m in gm.named_modules() if isinstance(m, nn.Linear)}
+    shapes = {
+        k[len(name_prefix) :]: v
+        for k, v in (shapes or {}).items()
+        if k in linears or not name_prefix
+    }
+    unknown = sorted(set(shapes) - {n[len(name_prefix) :] for n in linears})
     if unknown:
         raise NdCompileError(
             f"shapes overrides name layers that are not nn.Linear in the model: {unknown}"
@@ -177,7 +185,7 @@ def find_linear_sites(
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if type(module) is not nn.Linear:
+        if not isinstance(module, nn.Linear):
             continue
         site = sites.get(node.target)
         if site is None:
@@ -191,11 +199,16 @@ def find_linear_sites(
         site.rows = math.prod(shape[:-1])
         if site.in_shape is not None or site.skip_reason is not None:
             continue
-        _plan_site(site, x, shapes, include, exclude, n_modes, min_features, tied)
+        if type(module) is not nn.Linear:
+            site.skip_reason = (
+                f"{type(module).__name__} subclasses nn.Linear; its forward may differ"
+            )
+            continue
+        _plan_site(site, x, shapes, include, exclude, n_modes, min_features, tied, name_prefix)
 
     called = set(sites)
     for name, module in gm.named_modules():
-        if type(module) is nn.Linear and name not in called:
+        if isinstance(module, nn.Linear) and name not in called:
             parent = name.rpartition(".")[0] or "<root>"
             sites[name] = LinearSite(
                 name,
@@ -215,10 +228,11 @@ def _plan_site(
     n_modes: int,
     min_features: int,
     tied: dict[int, list[str]],
+    name_prefix: str = "",
 ) -> None:
     """Fill ``site``'s modes, or its skip reason."""
     m = site.module
-    if not _selected(site.name, include, exclude):
+    if not _selected(name_prefix + site.name, include, exclude):
         site.skip_reason = "not selected by include/exclude"
         return
     names = tied.get(id(m.weight), [])
