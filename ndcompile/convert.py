@@ -224,6 +224,10 @@ def convert(
             report,
             str(exc).splitlines()[0],
         )
+        if mode == "adapter":
+            from ndcompile.adapters import freeze_all_but_adapters
+
+            freeze_all_but_adapters(result)
         report.params_after = count_parameters(result)
         if verify:
             strict = mode == "exact" or (mode == "adapter" and zero_init)

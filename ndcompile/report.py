@@ -151,6 +151,9 @@ class ConversionReport:
         lines.append(
             f"  model params: {self.params_before:,} -> {self.params_after:,} ({ratio:.2f}x fewer)"
         )
+        if self.mode == "adapter":
+            trainable = sum(e.params_after for e in self.converted)
+            lines.append(f"  trainable (adapter) params: {trainable:,}")
         if self.output_rel_error is not None:
             lines.append(f"  model output relative error: {self.output_rel_error:.2e}")
         for e in self.skipped:
