@@ -7,11 +7,16 @@ Quick use::
     print(converted.report)
 """
 
+from ndcompile.adapters import adapter_state_dict, load_adapter_state_dict, merge_adapters
 from ndcompile.convert import MODES, convert, optimize, relative_error
-from ndcompile.errors import NdCompileError
+from ndcompile.dense import to_dense
+from ndcompile.errors import NdCompileError, UntraceableError
+from ndcompile.export import export_onnx
 from ndcompile.layers import NdLinear
 from ndcompile.network import OPTIMIZERS, NetworkPlan, TensorNetwork
+from ndcompile.plan import PlanChoice, plan_ndlinear
 from ndcompile.report import ConversionReport, LayerReport
+from ndcompile.serialize import load, save
 
 __version__ = "0.1.0"
 
@@ -23,9 +28,19 @@ __all__ = [
     "NdCompileError",
     "NdLinear",
     "NetworkPlan",
+    "PlanChoice",
     "TensorNetwork",
+    "UntraceableError",
     "__version__",
+    "adapter_state_dict",
     "convert",
+    "export_onnx",
+    "load",
+    "load_adapter_state_dict",
+    "merge_adapters",
     "optimize",
+    "plan_ndlinear",
     "relative_error",
+    "save",
+    "to_dense",
 ]

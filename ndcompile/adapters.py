@@ -333,7 +333,7 @@ def apply_adapters(
     sites: Sequence[LinearSite],
     entries: Mapping[str, LayerReport],
     *,
-    rank: int = 1,
+    rank: int | Mapping[str, int] = 1,
     alpha: float = 1.0,
     zero_init: bool = True,
     optimizer: str = "auto",
@@ -351,7 +351,7 @@ def apply_adapters(
         sites: Sites from :func:`~ndcompile.passes.find_linear.find_linear_sites`;
             ``site.in_shape``/``site.out_shape`` are the adapter modes.
         entries: Report entry per site name, filled for the adapted layers.
-        rank: Kronecker rank of each update.
+        rank: Kronecker rank of each update, or ``{layer name: rank}`` (default 1).
         alpha: Scale of each update.
         zero_init: Start every update at zero (the model is unchanged).
         optimizer: Contraction-order optimizer.
@@ -368,7 +368,8 @@ def apply_adapters(
     Raises:
         NdCompileError: If ``rank < 1``.
     """
-    if rank < 1:
+    ranks = rank.values() if isinstance(rank, Mapping) else [rank]
+    if any(r < 1 for r in ranks):
         raise NdCompileError(f"adapter rank must be >= 1, got {rank}")
     chosen = [s for s in sites if s.convertible]
     if not chosen:
@@ -381,7 +382,7 @@ def apply_adapters(
             site.module,
             site.in_shape,
             site.out_shape,
-            rank=rank,
+            rank=int(rank.get(site.name, 1)) if isinstance(rank, Mapping) else rank,
             alpha=alpha,
             zero_init=zero_init,
             optimizer=optimizer,

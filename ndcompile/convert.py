@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,7 +108,7 @@ def convert(
     example_input: Any,
     *,
     mode: str = "fresh",
-    rank: int | None = None,
+    rank: int | Mapping[str, int] | None = None,
     tol: float | None = None,
     max_rank: int = 64,
     shapes: ShapeOverrides | None = None,
@@ -140,7 +140,8 @@ def convert(
             function-preserving rewrites of NdLinear layers already present) or
             ``"factorize"`` (nearest rank-R Kronecker sum of trained weights) or
             ``"adapter"`` (frozen dense base + trainable NdLinear adapter, NdLinear-LoRA).
-        rank: Kronecker rank (``fresh``: default 1; ``factorize``: give ``rank`` or ``tol``).
+        rank: Kronecker rank (``fresh``: default 1; ``factorize``: give ``rank`` or ``tol``),
+            or a mapping ``{layer name: rank}`` (unlisted layers get rank 1).
         tol: ``factorize``: smallest rank whose relative weight error is <= tol.
         max_rank: Upper bound of the ``tol`` search.
         shapes: Per-layer overrides ``{"fc1": ((32, 32), (16, 16))}``.
@@ -177,7 +178,8 @@ def convert(
         raise NdCompileError(
             "mode='factorize' needs rank=R or tol=t", hint="e.g. rank=4 or tol=0.1"
         )
-    if rank is not None and rank < 1:
+    ranks = rank.values() if isinstance(rank, Mapping) else [rank]
+    if any(r is not None and r < 1 for r in ranks):
         raise NdCompileError(f"rank must be >= 1, got {rank}")
     locals_for_fallback = {
         "mode": mode,
@@ -266,12 +268,12 @@ def convert(
 
         def make_layer(site: LinearSite) -> NdLinear:
             if mode == "fresh":
-                layer = _fresh_layer(site, rank or 1, optimizer)
+                layer = _fresh_layer(site, _rank_of(rank, site.name) or 1, optimizer)
             else:
                 layer = factorized_layer(
                     site,
                     entries[site.name],
-                    rank=rank,
+                    rank=_rank_of(rank, site.name),
                     tol=tol,
                     max_rank=max_rank,
                     optimizer=optimizer,
@@ -283,7 +285,7 @@ def convert(
 
         for site in sites:
             if site.convertible and mode == "factorize" and skip_larger:
-                r = rank or 1
+                r = _rank_of(rank, site.name) or 1
                 after = r * sum(h * d for h, d in zip(site.out_shape, site.in_shape, strict=True))
                 if after >= site.module.in_features * site.module.out_features:
                     site.skip_reason = entries[site.name].reason = (
@@ -297,7 +299,7 @@ def convert(
                 gm,
                 sites,
                 entries,
-                rank=rank or 1,
+                rank=rank if isinstance(rank, Mapping) else (rank or 1),
                 alpha=alpha,
                 zero_init=zero_init,
                 optimizer=optimizer,
@@ -357,6 +359,13 @@ def optimize(
         steps=1,
     )
     return manager(gm).graph_module
+
+
+def _rank_of(rank: int | Mapping[str, int] | None, name: str) -> int | None:
+    """The rank for layer ``name``: a global rank or a per-layer mapping (default 1)."""
+    if isinstance(rank, Mapping):
+        return int(rank.get(name, 1))
+    return rank
 
 
 def _exact_entries(gm: fx.GraphModule) -> list[LayerReport]:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ConversionReport", "LayerReport"]
+__all__ = ["ConversionReport", "LayerReport", "format_count", "format_shape"]
 
 
 @dataclass
@@ -58,14 +58,16 @@ class LayerReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _fmt_int(n: int) -> str:
+def format_count(n: int) -> str:
+    """``1234567 -> '1.23M'``."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
 
 
-def _fmt_shape(shape: tuple[int, ...] | None) -> str:
+def format_shape(shape: tuple[int, ...] | None) -> str:
+    """``(32, 32, 3) -> '32x32x3'``."""
     return "x".join(map(str, shape)) if shape else "-"
 
 
@@ -127,17 +129,17 @@ class ConversionReport:
         rows = [header]
         for e in self.layers:
             if e.status == "skipped":
-                rows.append((e.name, "skipped", "-", "-", _fmt_int(e.params_before), "-", "-"))
+                rows.append((e.name, "skipped", "-", "-", format_count(e.params_before), "-", "-"))
                 continue
             err = e.output_rel_error if e.output_rel_error is not None else e.weight_rel_error
             rows.append(
                 (
                     e.name,
                     e.status,
-                    f"{_fmt_shape(e.in_shape)} -> {_fmt_shape(e.out_shape)}",
+                    f"{format_shape(e.in_shape)} -> {format_shape(e.out_shape)}",
                     str(e.rank or "-"),
-                    f"{_fmt_int(e.params_before)} -> {_fmt_int(e.params_after)}",
-                    f"{_fmt_int(e.flops_before)} -> {_fmt_int(e.flops_after)}",
+                    f"{format_count(e.params_before)} -> {format_count(e.params_after)}",
+                    f"{format_count(e.flops_before)} -> {format_count(e.flops_after)}",
                     _fmt_err(err),
                 )
             )

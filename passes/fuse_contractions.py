@@ -109,7 +109,7 @@ def lift_regions(gm: fx.GraphModule) -> dict[fx.Node, LinVal]:
 
 
 def _tags(gm: fx.GraphModule, node: fx.Node) -> set[tuple[str, str]]:
-    region = node.meta.get("ndcompile_region")
+    region = node.meta.get("ndcompile_fused_region", node.meta.get("ndcompile_region"))
     if region is not None:
         return {("r", str(region))}
     target = node.target
@@ -211,7 +211,9 @@ def fuse_contractions(gm: fx.GraphModule, *, optimizer: str = "auto") -> PassRes
         gm.graph.erase_node(marker)
         for n in gm.graph.nodes:
             if n not in new_nodes_before:
-                n.meta["ndcompile_region"] = len(gm.meta.get("ndcompile_fused", [])) + len(fused)
+                index = len(gm.meta.get("ndcompile_fused", [])) + len(fused)
+                n.meta["ndcompile_fused_region"] = f"fused#{index}"
+                n.meta.pop("ndcompile_region", None)
         out.meta.update(
             {k: v for k, v in node.meta.items() if k in ("tensor_meta", "ndcompile_shape")}
         )
