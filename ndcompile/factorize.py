@@ -330,11 +330,18 @@ def _cp_als(t: Tensor, rank: int, n_iter: int, tol: float) -> tuple[list[Tensor]
         return [t.new_zeros(t.shape[k], rank) for k in range(n)], 0.0
     gen = torch.Generator().manual_seed(0)
     mats = [_hosvd_init(t, k, rank, gen) for k in range(n)]
-    idx, r = _LETTERS[:n], _LETTERS[n]
-    rebuild = ",".join(f"{c}{r}" for c in idx) + f"->{idx}"
+    # Mode-k unfoldings, computed once: (n_k, prod of the other modes in order).
+    unfold = [t.movedim(k, 0).reshape(t.shape[k], -1) for k in range(n)]
+
+    def khatri_rao(ms: list[Tensor]) -> Tensor:
+        out = ms[0]
+        for m in ms[1:]:
+            out = (out[:, None, :] * m[None, :, :]).reshape(-1, rank)
+        return out
 
     def error(ms: list[Tensor]) -> float:
-        return float(torch.linalg.vector_norm(t - torch.einsum(rebuild, *ms)) / norm_t)
+        rebuilt = ms[0] @ khatri_rao(ms[1:]).T
+        return float(torch.linalg.vector_norm(unfold[0] - rebuilt) / norm_t)
 
     prev_mats, prev = None, math.inf
     for it in range(1, max(n_iter, 1) + 1):
@@ -343,8 +350,7 @@ def _cp_als(t: Tensor, rank: int, n_iter: int, tol: float) -> tuple[list[Tensor]
             v = t.new_ones(rank, rank)
             for m in others:
                 v = v * (mats[m].T @ mats[m])
-            spec = f"{idx}," + ",".join(f"{idx[m]}{r}" for m in others) + f"->{idx[k]}{r}"
-            a = torch.einsum(spec, t, *[mats[m] for m in others])
+            a = unfold[k] @ khatri_rao([mats[m] for m in others])  # MTTKRP as one matmul
             mats[k] = a @ torch.linalg.pinv(v, hermitian=True)
         mats = _balance(mats)
         err = error(mats)
