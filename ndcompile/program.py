@@ -228,9 +228,20 @@ def _right_layout(order: tuple[str, ...], s: list[str], k: set[str]) -> tuple | 
 
 
 def _contract_pair(
-    b: _Builder, ra: int, ia: tuple[str, ...], rb: int, ib: tuple[str, ...], keep: set[str]
+    b: _Builder,
+    ra: int,
+    ia: tuple[str, ...],
+    rb: int,
+    ib: tuple[str, ...],
+    keep: set[str],
+    final: tuple[str, ...] | None = None,
 ) -> tuple[int, tuple[str, ...]]:
-    """Lower one pairwise contraction; returns the result register and its index order."""
+    """Lower one pairwise contraction; returns the result register and its index order.
+
+    ``final`` is the program's output order when this is the last step: layouts whose
+    result needs a permute to reach it are charged for that copy, and layouts whose
+    free indices already follow it are tried too.
+    """
     # Indices private to one operand and not needed later are summed out first.
     dead_a = tuple(p for p, i in enumerate(ia) if i not in ib and i not in keep)
     if dead_a:
@@ -248,13 +259,23 @@ def _contract_pair(
         # S order follows the larger operand so that the smaller one is the one permuted.
         big = il if b.elements(il) >= b.elements(ir) else ir
         s = tuple(i for i in big if i in shared and i not in k_set)
-        lefts = [_left_layout(il, s, k_set), ((), _free(il, shared), _ordered(big, k_set))]
-        rights = [_right_layout(ir, s, k_set), ((), _free(ir, shared), _ordered(big, k_set))]
+        kk_big = _ordered(big, k_set)
+        lefts = [_left_layout(il, s, k_set), ((), _free(il, shared), kk_big)]
+        rights = [_right_layout(ir, s, k_set), ((), _free(ir, shared), kk_big)]
+        if final is not None:
+            rank = {i: p for p, i in enumerate(final)}
+            lefts.append(((), tuple(sorted(_free(il, shared), key=rank.get)), kk_big))
+            rights.append(((), tuple(sorted(_free(ir, shared), key=rank.get)), kk_big))
         for lay_l in lefts:
             for lay_r in rights:
                 if lay_l is None or lay_r is None or lay_l[2] != lay_r[2]:
                     continue
-                cand = (b.pair_cost(il, ir, s, lay_l, lay_r), (rl, il, lay_l), (rr, ir, lay_r), s)
+                cost = b.pair_cost(il, ir, s, lay_l, lay_r)
+                if final is not None:
+                    out_order = s + lay_l[0] + lay_r[0] + lay_l[1] + lay_r[1]
+                    if tuple(i for i in out_order if i in rank) != final:
+                        cost += PERMUTE_COST * b.elements(out_order)
+                cand = (cost, (rl, il, lay_l), (rr, ir, lay_r), s)
                 if best is None or cand[0] < best[0]:
                     best = cand
     assert best is not None
@@ -335,8 +356,10 @@ def compile_path(
             if dead:
                 reg = b.emit("sum", (reg,), dead)
                 idx = tuple(i for i in idx if i in keep)
+        last = not live
         for reg2, idx2 in picked[1:]:
-            reg, idx = _contract_pair(b, reg, idx, reg2, idx2, keep)
+            final = out_set if last and reg2 is picked[-1][0] else None
+            reg, idx = _contract_pair(b, reg, idx, reg2, idx2, keep, final)
         live.append((reg, idx))
     if len(live) != 1:
         raise ValueError(f"path leaves {len(live)} operands, expected 1")
