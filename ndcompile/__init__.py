@@ -8,6 +8,7 @@ Quick use::
 """
 
 from ndcompile.adapters import adapter_state_dict, load_adapter_state_dict, merge_adapters
+from ndcompile.backend import ndcompile_backend, register_backend
 from ndcompile.convert import MODES, convert, optimize, relative_error
 from ndcompile.dense import to_dense
 from ndcompile.errors import NdCompileError, UntraceableError
@@ -19,6 +20,10 @@ from ndcompile.report import ConversionReport, LayerReport
 from ndcompile.serialize import load, save
 
 __version__ = "0.1.0"
+
+# torch.compile(model, backend="ndcompile") works after `import ndcompile` too (the
+# entry point registers it lazily when ndcompile is installed).
+register_backend()
 
 __all__ = [
     "MODES",
@@ -38,8 +43,10 @@ __all__ = [
     "load",
     "load_adapter_state_dict",
     "merge_adapters",
+    "ndcompile_backend",
     "optimize",
     "plan_ndlinear",
+    "register_backend",
     "relative_error",
     "save",
     "to_dense",
