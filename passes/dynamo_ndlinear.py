@@ -7,7 +7,7 @@ pass follows such chains from their input ``x (*, d1..dN)`` with an abstract
 interpretation (which input axis every current dim holds), and when a chain ends
 with ``(*, h1..hN)`` in the input's axis order after applying one linear map to each
 of the trailing N axes, it replaces the whole chain by the planned contraction of
-:meth:`ndcompile.network.TensorNetwork.from_ndlinear` plus the exactly composed
+:func:`ndcompile.plan.plan_ndlinear` (the NdLinear network) plus the exactly composed
 per-mode biases (:func:`ndcompile.layers.mode_bias`). The weights are the lifted
 parameter placeholders themselves, so training sees the same parameters.
 
@@ -44,7 +44,6 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ndcompile.layers import mode_bias
-from ndcompile.network import TensorNetwork
 from ndcompile.passes.dynamo_common import (
     commit_replacement,
     example_value,
@@ -59,6 +58,7 @@ from ndcompile.passes.dynamo_common import (
     size_hint,
     static_int,
 )
+from ndcompile.plan import plan_ndlinear
 from ndcompile.report import LayerReport
 
 __all__ = ["ModeChain", "find_mode_chain", "rewrite_mode_chains"]
@@ -296,10 +296,12 @@ def _emit(graph: fx.Graph, chain: ModeChain, optimizer: str, rows: int) -> tuple
     x = chain.x
     if len(chain.lead) != 1:
         x = graph.call_method("reshape", (x, (-1, *chain.in_shape)))
-    tn = TensorNetwork.from_ndlinear(chain.in_shape, chain.out_shape)
-    inputs = {"x": x, **{f"W{k}": w for k, w in enumerate(chain.weights)}}
-    y = tn.emit(graph, inputs, optimizer=optimizer, nominal_batch=rows)
-    plan = y.meta["ndcompile_plan"]
+    # The planner picks mode grouping x order x layout (not only the FLOP-optimal order).
+    plan = plan_ndlinear(chain.in_shape, chain.out_shape, 1, batch=rows, optimizer=optimizer)
+    plan = plan.chosen.plan
+    operands = [Proxy(x, tracer), *(Proxy(w, tracer) for w in chain.weights)]
+    y = plan.program.run(*operands).node
+    y.meta["ndcompile_plan"] = plan
     y = restore_leading(graph, chain.x, chain.lead, y, chain.out_shape)
     if any(b is not None for b in chain.biases):
         weights = [Proxy(w, tracer) for w in chain.weights]
