@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,14 +57,15 @@ class MachineModel:
         return f"{self.device}:{self.matmul_gflops:.0f}:{self.bandwidth_gbs:.0f}"
 
 
-def _median_time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+def _best_time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    """Fastest of ``reps`` runs: other load on the machine only ever slows a run down."""
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure(device: str = "cpu") -> MachineModel:
@@ -80,21 +80,21 @@ def measure(device: str = "cpu") -> MachineModel:
         torch.matmul(a, b)
         sync()
 
-    t_mm = _median_time(mm, 10)
+    t_mm = _best_time(mm, 10)
     big = torch.randn(8 * 1024 * 1024, device=dev)
 
     def copy() -> None:
         big.clone()
         sync()
 
-    t_copy = _median_time(copy, 5)
+    t_copy = _best_time(copy, 5)
     tiny = torch.randn(4, device=dev)
 
     def op() -> None:
         tiny.add(1.0)
         sync()
 
-    t_op = _median_time(op, 200)
+    t_op = _best_time(op, 200)
     return MachineModel(
         matmul_gflops=2 * n**3 / t_mm / 1e9,
         bandwidth_gbs=2 * big.numel() * 4 / t_copy / 1e9,
