@@ -24,6 +24,7 @@ from ndcompile.frontend import (
     run_reference,
     trace,
 )
+from ndcompile.hybrid import budget_layer
 from ndcompile.layers import NdLinear
 from ndcompile.network import check_optimizer
 from ndcompile.partial import convert_partially
@@ -110,6 +111,7 @@ def convert(
     mode: str = "fresh",
     rank: int | Mapping[str, int] | None = None,
     tol: float | None = None,
+    budget: float | None = None,
     max_rank: int = 64,
     shapes: ShapeOverrides | None = None,
     include: Sequence[str] | None = None,
@@ -143,6 +145,9 @@ def convert(
         rank: Kronecker rank (``fresh``: default 1; ``factorize``: give ``rank`` or ``tol``),
             or a mapping ``{layer name: rank}`` (unlisted layers get rank 1).
         tol: ``factorize``: smallest rank whose relative weight error is <= tol.
+        budget: ``factorize``: parameter budget per layer as a fraction of the dense
+            weight (``0.2`` = 20%); the form with the lowest output error among
+            Kronecker sums and Kronecker + low-rank hybrids is chosen per layer.
         max_rank: Upper bound of the ``tol`` search.
         shapes: Per-layer overrides ``{"fc1": ((32, 32), (16, 16))}``.
         include: Glob patterns of layer names to convert (default: all).
@@ -174,17 +179,24 @@ def convert(
     if mode not in MODES:
         raise NdCompileError(f"unknown mode {mode!r}; valid modes are: {', '.join(MODES)}")
     check_optimizer(optimizer)
-    if mode == "factorize" and rank is None and tol is None:
+    if mode == "factorize" and rank is None and tol is None and budget is None:
         raise NdCompileError(
-            "mode='factorize' needs rank=R or tol=t", hint="e.g. rank=4 or tol=0.1"
+            "mode='factorize' needs rank=R, tol=t or budget=b",
+            hint="e.g. rank=4, tol=0.1 or budget=0.2",
         )
+    if budget is not None and (rank is not None or tol is not None):
+        raise NdCompileError("give only one of rank=, tol=, budget=")
+    if budget is not None and not 0 < budget <= 1:
+        raise NdCompileError(f"budget must be in (0, 1] (a fraction of dense params), got {budget}")
     ranks = rank.values() if isinstance(rank, Mapping) else [rank]
     if any(r is not None and r < 1 for r in ranks):
         raise NdCompileError(f"rank must be >= 1, got {rank}")
+    # Options forwarded to per-submodule conversions when the model is not traceable.
     locals_for_fallback = {
         "mode": mode,
         "rank": rank,
         "tol": tol,
+        "budget": budget,
         "max_rank": max_rank,
         "include": include,
         "exclude": exclude,
@@ -216,7 +228,7 @@ def convert(
     except UntraceableError as exc:
         if not fallback:
             raise
-        options = {k: v for k, v in locals_for_fallback.items()}
+        options = dict(locals_for_fallback)
         result = convert_partially(
             work,
             inputs,
@@ -269,6 +281,15 @@ def convert(
         def make_layer(site: LinearSite) -> NdLinear:
             if mode == "fresh":
                 layer = _fresh_layer(site, _rank_of(rank, site.name) or 1, optimizer)
+            elif budget is not None:
+                layer = budget_layer(
+                    site,
+                    entries[site.name],
+                    budget=budget,
+                    optimizer=optimizer,
+                    x=acts.get(site.name),
+                    gram=grams.get(site.name),
+                )
             else:
                 layer = factorized_layer(
                     site,
@@ -284,7 +305,15 @@ def convert(
             return layer
 
         for site in sites:
-            if site.convertible and mode == "factorize" and skip_larger:
+            if site.convertible and mode == "factorize" and budget is not None:
+                smallest = sum(h * d for h, d in zip(site.out_shape, site.in_shape, strict=True))
+                allowed = budget * site.module.in_features * site.module.out_features
+                if smallest > allowed:
+                    site.skip_reason = entries[site.name].reason = (
+                        f"one Kronecker term ({smallest:,} params) exceeds the budget "
+                        f"({int(allowed):,} = {budget:g} of the dense weight)"
+                    )
+            elif site.convertible and mode == "factorize" and skip_larger:
                 r = _rank_of(rank, site.name) or 1
                 after = r * sum(h * d for h, d in zip(site.out_shape, site.in_shape, strict=True))
                 if after >= site.module.in_features * site.module.out_features:

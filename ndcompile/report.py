@@ -137,7 +137,9 @@ class ConversionReport:
                     e.name,
                     e.status,
                     f"{format_shape(e.in_shape)} -> {format_shape(e.out_shape)}",
-                    str(e.rank or "-"),
+                    f"{e.rank}+{e.extra['lowrank']}"
+                    if e.extra.get("lowrank")
+                    else str(e.rank or "-"),
                     f"{format_count(e.params_before)} -> {format_count(e.params_after)}",
                     f"{format_count(e.flops_before)} -> {format_count(e.flops_after)}",
                     _fmt_err(err),

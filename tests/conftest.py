@@ -22,6 +22,15 @@ from torch import nn
 from ndcompile.layers import NdLinear
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():  # type: ignore[no-untyped-def]
+    """Small tensors run fastest (and most predictably) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Every test starts from the same global RNG state."""

@@ -251,7 +251,7 @@ def test_report_of_exact_mode(nd_stack) -> None:
     [
         ({"mode": "bogus"}, r"unknown mode 'bogus'; valid modes are: fresh, exact, factorize"),
         ({"optimizer": "fastest"}, r"unknown optimizer 'fastest'; valid optimizers are: auto"),
-        ({"mode": "factorize"}, r"needs rank=R or tol=t"),
+        ({"mode": "factorize"}, r"needs rank=R, tol=t or budget=b"),
         ({"mode": "fresh", "rank": 0}, r"rank must be >= 1"),
         ({"shapes": {"fc1": ((8, 9), (8, 12))}}, r"\[fc1\] shapes override"),
     ],
@@ -308,3 +308,29 @@ def test_public_api_exports() -> None:
     for name in ("convert", "NdLinear", "NdCompileError", "ConversionReport", "TensorNetwork"):
         assert hasattr(ndcompile, name)
     assert {"fresh", "exact", "factorize"} <= set(ndcompile.MODES)
+
+
+# ------------------------------------------------------------------- budget
+
+
+def test_factorize_budget_keeps_each_layer_within_budget() -> None:
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    x = torch.randn(32, 64)
+    gm = convert(model, x, mode="factorize", budget=0.2)
+    for entry in gm.report.converted:
+        weight_params = entry.params_after - entry.out_features  # minus the full bias
+        assert weight_params <= 0.2 * entry.in_features * entry.out_features
+        assert entry.extra["chosen_form"]
+        assert entry.output_rel_error is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget": 0.2, "rank": 2}, "only one of"),
+        ({"budget": 1.5}, r"budget must be in \(0, 1\]"),
+    ],
+)
+def test_factorize_budget_errors(kwargs, match) -> None:
+    with pytest.raises(NdCompileError, match=match):
+        convert(nn.Sequential(nn.Linear(64, 64)), torch.randn(2, 64), mode="factorize", **kwargs)
