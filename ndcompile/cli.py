@@ -101,6 +101,11 @@ def _add_conversion_options(p: argparse.ArgumentParser, *, mode_required: bool) 
     group = p.add_mutually_exclusive_group()
     group.add_argument("--rank", type=_positive_int, help="Kronecker rank R")
     group.add_argument("--tol", type=_positive_float, help="factorize: max relative weight error")
+    group.add_argument(
+        "--budget",
+        type=_positive_float,
+        help="factorize: params per layer as a fraction of dense (best Kronecker/hybrid form)",
+    )
     p.add_argument("--shapes", metavar="JSON", help='per-layer modes: {"fc1": [[8,8,4],[4,4,4]]}')
     p.add_argument(
         "--include", nargs="+", action="extend", metavar="GLOB", help="layers to convert"
@@ -125,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(conv, shape_required=True)
     _add_conversion_options(conv, mode_required=True)
     conv.add_argument("--calibration", metavar="DATA", help="inputs (tensor or list) for fitting")
+    conv.add_argument(
+        "--distill",
+        metavar="DATA",
+        help="inputs (tensor or list) to distill the converted model towards the original",
+    )
+    conv.add_argument(
+        "--distill-steps", type=_positive_int, default=200, help="steps per distillation phase"
+    )
     conv.add_argument("-o", "--output", metavar="OUT", help="exported program: .pt2 or .onnx")
     conv.add_argument("--report", metavar="JSON", help="write the conversion report as JSON")
     conv.add_argument(

@@ -25,6 +25,7 @@ from ndcompile.cli_output import (
     save_state_dict,
 )
 from ndcompile.convert import convert, relative_error
+from ndcompile.distill import distill
 from ndcompile.errors import NdCompileError
 from ndcompile.loading import (
     UsageError,
@@ -80,16 +81,31 @@ def _run_model(model: nn.Module, inputs: tuple[Tensor, ...], what: str, hint: st
         ) from exc
 
 
+def distill_batches(
+    args: argparse.Namespace, model: torch.nn.Module, example: tuple[Tensor, ...]
+) -> list[Tensor]:
+    """The ``--distill`` inputs, loaded safely and checked against the model."""
+    batches = load_calibration(args.distill)
+    return _checked_calibration(model, batches, example[0].dtype)
+
+
 def conversion_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of :func:`ndcompile.convert` from the parsed options."""
-    if args.mode == "factorize" and args.rank is None and args.tol is None:
-        raise UsageError("--mode factorize needs --rank R or --tol T", hint="e.g. --rank 4")
-    if args.tol is not None and args.mode != "factorize":
-        raise UsageError(f"--tol applies to --mode factorize only, not {args.mode!r}")
+    budget = getattr(args, "budget", None)
+    if args.mode == "factorize" and args.rank is None and args.tol is None and budget is None:
+        raise UsageError(
+            "--mode factorize needs --rank R, --tol T or --budget B", hint="e.g. --rank 4"
+        )
+    for flag, value in (("--tol", args.tol), ("--budget", budget)):
+        if value is not None and args.mode != "factorize":
+            raise UsageError(f"{flag} applies to --mode factorize only, not {args.mode!r}")
+    if budget is not None and budget > 1:
+        raise UsageError(f"--budget is a fraction of the dense parameters (0, 1], got {budget}")
     return {
         "mode": args.mode,
         "rank": args.rank,
         "tol": args.tol,
+        "budget": budget,
         "shapes": parse_shapes_json(args.shapes) if args.shapes else None,
         "include": args.include,
         "exclude": args.exclude,
@@ -163,7 +179,8 @@ def run_convert(args: argparse.Namespace) -> int:
     kwargs = conversion_kwargs(args)
     calibration = load_calibration(args.calibration) if args.calibration else None
     progress = Progress(
-        ["load", "convert", "verify", "export", "save"], enabled=not (args.quiet or args.json)
+        ["load", "convert", *(["distill"] if args.distill else []), "verify", "export", "save"],
+        enabled=not (args.quiet or args.json),
     )
     try:
         with progress.step("load model"):
@@ -180,6 +197,19 @@ def run_convert(args: argparse.Namespace) -> int:
             converted = convert(model, example, **kwargs)
         report = converted.report
         report.notes.extend(notes)
+        if getattr(args, "distill", None):
+            with progress.step("distill"):
+                distilled = distill_batches(args, model, example)
+                result = distill(
+                    converted, model, distilled, steps=args.distill_steps,
+                    whole_model=True, progress=False,
+                )  # fmt: skip
+                report.notes.append(
+                    "distilled: " + "; ".join(
+                        f"{e.name} {e.error_before:.3g} -> {e.error_after:.3g}"
+                        for e in result.layers
+                    )
+                )  # fmt: skip
         with progress.step("verify"):
             verification = verify_outputs(model, converted, report, calibration)
         written: dict[str, str] = {}
