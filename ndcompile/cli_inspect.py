@@ -131,6 +131,7 @@ def plan_model(
     mode: str = "fresh",
     rank: int | None = None,
     tol: float | None = None,
+    budget: float | None = None,
     shapes: ShapeOverrides | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
@@ -139,13 +140,21 @@ def plan_model(
     """One row per Linear/NdLinear site of ``model``: modes, params, FLOPs, action.
 
     The model is traced on a copy-free basis (tracing does not modify it) and
-    nothing is converted; FLOPs are counted on the example input.
+    nothing is converted; FLOPs are counted on the example input. With ``budget``
+    the rows show the pure Kronecker sum at the budget (conversion may pick a
+    Kronecker + low-rank hybrid of the same size).
     """
     gm = trace(model)
     propagate_shapes(gm, example)
     rows = _ndlinear_rows(gm, mode)
     sites = find_linear_sites(gm, shapes=shapes, include=include, exclude=exclude)
-    rows.extend(_site_row(s, mode, rank or 1, tol, optimizer) for s in sites)
+    for site in sites:
+        r = rank or 1
+        if budget is not None and site.in_shape is not None and site.out_shape is not None:
+            per_term = sum(h * d for h, d in zip(site.out_shape, site.in_shape, strict=True))
+            dense = site.module.in_features * site.module.out_features
+            r = max(1, int(budget * dense) // per_term)
+        rows.append(_site_row(site, mode, r, tol, optimizer))
     return rows
 
 

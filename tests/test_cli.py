@@ -288,7 +288,7 @@ BAD_INPUTS = [
      "missing keys: fc2.bias; unexpected keys: extra.weight"),
     (["--mode", "bogus"], "", EXIT_USAGE, "argument --mode: invalid choice: 'bogus'"),
     (["--mode", "fresh", "--optimizer", "fastest"], "", EXIT_USAGE, "invalid choice: 'fastest'"),
-    (["--mode", "factorize"], "", EXIT_USAGE, "--mode factorize needs --rank R or --tol T"),
+    (["--mode", "factorize"], "", EXIT_USAGE, "needs --rank R, --tol T or --budget B"),
     (["--mode", "factorize", "--rank", "2", "--tol", "0.1"], "", EXIT_USAGE, "not allowed with"),
     (["--mode", "factorize", "--rank", "0"], "", EXIT_USAGE, "must be >= 1"),
     (["--mode", "fresh", "--tol", "0.1"], "", EXIT_USAGE, "--tol applies to --mode factorize"),
