@@ -237,6 +237,7 @@ def convert(
             ),
             report,
             str(exc).splitlines()[0],
+            name_prefix=_name_prefix,
         )
         if mode == "adapter":
             from ndcompile.adapters import freeze_all_but_adapters
@@ -341,6 +342,8 @@ def convert(
         strict = mode == "exact" or (mode == "adapter" and zero_init)
         _verify(gm, inputs, reference, report, strict=strict)
     gm.report = report  # type: ignore[assignment]
+    # GraphModule.__deepcopy__ keeps attributes listed here.
+    gm.meta.setdefault("_user_preserved_attributes", {})["report"] = report
     return gm
 
 

@@ -94,6 +94,10 @@ def _is_flat(layer: NdLinear, x: fx.Node, out: fx.Node, name: str) -> bool:
     )
 
 
+def _is_shape_query(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+
+
 def _region_site(gm: fx.GraphModule, tag: str, nodes: list[fx.Node]) -> ContractionSite:
     name = tag.rpartition("@")[0]
     layer = _submodule(gm, name)
@@ -105,7 +109,17 @@ def _region_site(gm: fx.GraphModule, tag: str, nodes: list[fx.Node]) -> Contract
     members = set(nodes)
     outputs = [n for n in nodes if "ndcompile_plan" in n.meta]
     escaping = [n for n in nodes if any(u not in members for u in n.users)]
-    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in members))
+    # Leading dims may be read from an earlier layer's input (``x0.shape``): a shape
+    # query is not a data input of the region.
+    inputs = list(
+        dict.fromkeys(
+            a
+            for n in nodes
+            if not _is_shape_query(n)
+            for a in n.all_input_nodes
+            if a not in members
+        )
+    )
     if len(outputs) != 1 or any(n is not outputs[0] for n in escaping) or len(inputs) != 1:
         raise NdCompileError(
             f"contraction region {tag!r} is not a single call: outputs "

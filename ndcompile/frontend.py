@@ -46,6 +46,30 @@ class NdTracer(fx.Tracer):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules)
 
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """Trace ``root``; grad-mode changes inside ``forward`` make it untraceable.
+
+        torch.fx does not record ``torch.no_grad()``/``set_grad_enabled`` blocks, so a
+        traced graph would silently compute gradients the model meant to block.
+        """
+        original = torch._C._set_grad_enabled
+
+        def refuse(mode: bool) -> None:
+            raise RuntimeError(
+                "forward changes the grad mode (torch.no_grad/set_grad_enabled), which "
+                "torch.fx cannot record"
+            )
+
+        torch._C._set_grad_enabled = refuse  # type: ignore[assignment]
+        try:
+            graph = super().trace(root, concrete_args)
+        finally:
+            torch._C._set_grad_enabled = original  # type: ignore[assignment]
+        for node in graph.nodes:
+            if isinstance(node.type, str):  # PEP 563 string annotations break pickling
+                node.type = None
+        return graph
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, NdLinear) or is_reference_ndlinear(m):
             return True
@@ -84,8 +108,16 @@ def trace(model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()) -> 
             hint="make data-dependent control flow static, or pass the offending submodule "
             "type in leaf_modules=... so it is kept as an opaque call",
         ) from exc
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # GraphModule rebuilds modules reached only through get_attr paths as plain
+    # nn.Module containers; put the real ones (e.g. NdLinear) back.
+    for name, module in list(gm.named_modules()):
+        if name and type(module) is nn.Module:
+            real = tracer.root.get_submodule(name)
+            if type(real) is not nn.Module:
+                parent, _, leaf = name.rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, leaf, real)
+    return gm
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
@@ -124,6 +156,7 @@ def run_reference(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
 
 
 def _example_error(name: str, example_inputs: tuple[Any, ...], exc: Exception) -> NdCompileError:
+    exc = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc  # ShapeProp wraps it
     shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     return NdCompileError(
         f"running the model on the example input {shapes} failed: "

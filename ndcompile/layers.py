@@ -79,7 +79,7 @@ def apply_ndlinear(
     out_shape: tuple[int, ...],
     *,
     flat_input: bool,
-    n_lead: int | None = None,
+    lead: Any = None,
     lowrank: tuple[Any, Any] | None = None,
 ) -> Any:
     """The NdLinear computation on tensors or FX proxies.
@@ -93,31 +93,22 @@ def apply_ndlinear(
         out_shape: ``(h1..hN)``.
         flat_input: Whether input and output have flattened modes (the ``nn.Linear``
             convention) rather than N-D modes.
-        n_lead: Number of leading (batch) dims when known statically. With exactly
-            one, no shape query is emitted (the graph stays a pure contraction).
+        lead: The leading (batch) dims of ``x`` when they can be read from another
+            tensor with the same leading dims (so the graph does not query ``x``);
+            default ``x``'s own.
         lowrank: ``(U, V)`` of a low-rank residual ``U @ V`` added to the weight.
 
     Returns:
-        ``(*, prod h)`` if ``flat_input`` else ``(*, h1..hN)``.
+        ``(*, prod h)`` if ``flat_input`` else ``(*, h1..hN)``; leading dims as ``x``'s.
     """
-    out = (math.prod(out_shape),) if flat_input else out_shape
-    in_features = math.prod(in_shape)
-    if n_lead == 1:
-        xin = x.reshape((-1, *in_shape)) if flat_input else x
-        y = plan.program.run(xin, *factors)
-        y = y.reshape((-1, *out)) if flat_input else y
-        if lowrank is not None:
-            u, v = lowrank
-            residual = torch.matmul(torch.matmul(x.reshape((-1, in_features)), v.t()), u.t())
-            y = y + residual.reshape((-1, *out))
-    else:
+    if lead is None:
         lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
-        y = plan.program.run(x.reshape((-1, *in_shape)), *factors)
-        if lowrank is not None:
-            u, v = lowrank
-            residual = torch.matmul(torch.matmul(x.reshape((-1, in_features)), v.t()), u.t())
-            y = y + residual.reshape((-1, *out_shape))
-        y = y.reshape(lead + out)
+    y = plan.program.run(x.reshape((-1, *in_shape)), *factors)
+    if lowrank is not None:
+        u, v = lowrank
+        flat = x.reshape((-1, math.prod(in_shape)))
+        y = y + torch.matmul(torch.matmul(flat, v.t()), u.t()).reshape((-1, *out_shape))
+    y = y.reshape(lead + ((math.prod(out_shape),) if flat_input else out_shape))
     if bias is not None:
         y = y + (bias if flat_input else bias.reshape(out_shape))
     return y
@@ -339,7 +330,6 @@ class NdLinear(nn.Module):
             self.in_shape,
             self.out_shape,
             flat_input=False,
-            n_lead=x.dim() - n,
             lowrank=self.lowrank_operands(),
         )
 

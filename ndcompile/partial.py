@@ -63,6 +63,7 @@ def convert_partially(
     convert_one: Converter,
     report: ConversionReport,
     reason: str,
+    name_prefix: str = "",
 ) -> nn.Module:
     """Convert the largest traceable submodules of ``work`` (a private copy) in place.
 
@@ -73,6 +74,7 @@ def convert_partially(
             returns the converted module with a ``report``.
         report: The report to extend (layer names get the submodule prefix).
         reason: Why the top level could not be traced (for the notes).
+        name_prefix: Where ``work`` sits in the user's model (for messages).
 
     Returns:
         ``work`` with converted children.
@@ -88,7 +90,7 @@ def convert_partially(
         f"{type(work).__name__} is not traceable ({reason}); "
         "converted its traceable submodules instead"
     )
-    _convert_children(work, "", calls, convert_one, report)
+    _convert_children(work, "", calls, convert_one, report, name_prefix)
     return work
 
 
@@ -113,22 +115,15 @@ def _convert_children(
     calls: dict[str, tuple | None],
     convert_one: Converter,
     report: ConversionReport,
+    name_prefix: str = "",
 ) -> None:
     for child_name, child in list(parent.named_children()):
         name = f"{prefix}{child_name}"
         if not _has_layers(child):
             continue
-        if (
-            isinstance(child, nn.Linear)
-            or is_reference_ndlinear(child)
-            or isinstance(child, NdLinear)
-        ):
-            _skip(
-                report,
-                name,
-                child,
-                f"called directly by an untraceable parent {prefix[:-1] or '<root>'!r}",
-            )
+        if isinstance(child, nn.Linear | NdLinear) or is_reference_ndlinear(child):
+            owner = f"{name_prefix}{prefix}"[:-1] or "<root>"
+            _skip(report, name, child, f"called directly by an untraceable parent {owner!r}")
             continue
         args = calls.get(name)
         if args is None:
@@ -143,7 +138,7 @@ def _convert_children(
             converted = convert_one(name, child, args)
         except UntraceableError as exc:
             report.notes.append(f"{name}: not traceable ({str(exc).splitlines()[0]}); descending")
-            _convert_children(child, f"{name}.", calls, convert_one, report)
+            _convert_children(child, f"{name}.", calls, convert_one, report, name_prefix)
             continue
         sub_report: ConversionReport = converted.report  # type: ignore[assignment]
         for entry in sub_report.layers:

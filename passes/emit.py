@@ -8,7 +8,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ndcompile.layers import NdLinear, apply_ndlinear, mode_bias
 
-__all__ = ["emit_ndlinear", "set_submodule"]
+__all__ = ["LEAD_SOURCE", "emit_ndlinear", "set_submodule"]
 
 
 def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
@@ -18,10 +18,9 @@ def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def _leading_dims(x: fx.Node, feature_dims: int) -> int | None:
-    meta = x.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return None if shape is None else len(shape) - feature_dims
+#: ``node.meta`` key: ``(node, k, f)``: this node has ``f`` feature dims and its leading
+#: dims are ``node.shape[:-k]``.
+LEAD_SOURCE = "ndcompile_lead_source"
 
 
 def emit_ndlinear(
@@ -62,6 +61,13 @@ def emit_ndlinear(
         biases = [attr(f"mode_biases.{k}") for k in range(len(layer.in_shape))]
         bias = mode_bias(biases, factors, layer.mode_order, layer.out_shape)
     lowrank = (attr("lowrank_u"), attr("lowrank_v")) if layer.lowrank else None
+    # Read the leading dims from the first layer of a chain of linear layers, so the
+    # outputs in between have no shape-query users (they can fuse).
+    features = 1 if flat_input else len(layer.in_shape)
+    source, k, produced = x.meta.get(LEAD_SOURCE, (x, features, features))
+    if produced != features:  # x's leading dims are not the producer's
+        source, k = x, features
+    lead = Proxy(source, tracer).shape[:-k]
     out = apply_ndlinear(
         Proxy(x, tracer),
         operands,
@@ -70,10 +76,11 @@ def emit_ndlinear(
         layer.in_shape,
         layer.out_shape,
         flat_input=flat_input,
-        n_lead=_leading_dims(x, 1 if flat_input else len(layer.in_shape)),
+        lead=lead,
         lowrank=lowrank,
     )
     out.node.meta["ndcompile_plan"] = layer.plan()
+    out.node.meta[LEAD_SOURCE] = (source, k, 1 if flat_input else len(layer.out_shape))
     # One inlined layer is one contraction source for fuse_contractions.
     for node in gm.graph.nodes:
         if node not in before:

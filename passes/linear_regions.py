@@ -17,6 +17,7 @@ graphs or by the dynamo backend from FakeTensor metadata.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import operator
 from collections.abc import Callable
@@ -103,30 +104,50 @@ class _DynamicProp(ShapeProp):
 
 
 def annotate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
-    """Set ``meta["ndcompile_shape"]``: example shapes with ``-1`` for batch-varying dims.
+    """Set ``meta["ndcompile_shape"]``: example shapes with ``-1`` for dims that may vary.
 
-    The graph is run twice, with the example and with every input's leading dim
-    grown by one; dims whose size changes are marked ``-1``.
+    The graph is re-run with each input dim grown by one in turn (the batch, a
+    sequence length, ...); dims of any node whose size changes in a run the model
+    accepts are marked ``-1``. Runs the model rejects (feature dims) change nothing.
     """
-    with torch.no_grad():
-        grown = tuple(
-            torch.cat([t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-            for t in example_inputs
-        )
-        # A model that rejects another batch size keeps every dim static.
-        with contextlib.suppress(Exception):
-            _DynamicProp(gm).propagate(*grown)
+    varying: dict[fx.Node, set[int]] = {}
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm).propagate(*example_inputs)
+        base = {
+            n: tuple(n.meta["tensor_meta"].shape)
+            for n in gm.graph.nodes
+            if hasattr(n.meta.get("tensor_meta"), "shape")
+        }
+        for pos, t in enumerate(example_inputs):
+            if not isinstance(t, torch.Tensor):
+                continue
+            for dim in range(t.dim()):
+                grown = list(example_inputs)
+                grown[pos] = torch.cat([t, t.narrow(dim, 0, 1)], dim=dim)
+                try:
+                    _DynamicProp(gm).propagate(*grown)
+                except Exception:  # the model rejects this size: the dim is fixed
+                    continue
+                for node, shape in base.items():
+                    seen = node.meta.pop("ndcompile_shape_b", shape)
+                    if len(seen) != len(shape):
+                        changed = set(range(len(shape)))
+                    else:
+                        changed = {
+                            k for k, (a, b) in enumerate(zip(seen, shape, strict=True)) if a != b
+                        }
+                    varying.setdefault(node, set()).update(changed)
         ShapeProp(gm).propagate(*example_inputs)
     for node in gm.graph.nodes:
+        node.meta.pop("ndcompile_shape_b", None)
         meta = node.meta.get("tensor_meta")
         shape = getattr(meta, "shape", None)
         if shape is None:
             node.meta.pop("ndcompile_shape", None)
             continue
-        other = node.meta.pop("ndcompile_shape_b", tuple(shape))
+        dyn = varying.get(node, set())
         node.meta["ndcompile_shape"] = tuple(
-            int(a) if len(other) == len(shape) and a == b else -1
-            for a, b in zip(shape, other, strict=False)
+            -1 if k in dyn else int(a) for k, a in enumerate(shape)
         )
 
 
@@ -162,7 +183,8 @@ def leaf_value(
     sizes: dict[str, int] = {}
     nominal: dict[str, int] = {}
     dims = [
-        (f.fresh(sizes, nominal, s, d),) if s != 1 else () for s, d in zip(shape, dyn, strict=True)
+        (f.fresh(sizes, nominal, s, d),) if s != 1 or d else ()
+        for s, d in zip(shape, dyn, strict=True)
     ]
     return LinVal([Term((Leaf(source, tuple(dims)),))], dims, sizes, nominal=nominal)
 

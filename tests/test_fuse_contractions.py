@@ -72,8 +72,15 @@ class ReshapeBetween(nn.Module):
         self.b = nn.Linear(24, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.a(x).reshape(x.shape[0], x.shape[1], 4, 6).transpose(2, 3).transpose(2, 3)
-        return self.b(y.reshape(x.shape[0], x.shape[1], 24))
+        y = self.a(x).reshape(x.shape[0], 4, 6).transpose(1, 2).transpose(1, 2)
+        return self.b(y.reshape(x.shape[0], 24))
+
+
+class PerToken(ReshapeBetween):
+    """(B, T, C): both B and T may vary, so the region is left alone (not baked in)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
 
 
 class NonLinear(nn.Module):
@@ -98,7 +105,8 @@ CASES = [
     (WideChain, (64, 32), True),
     (EinsumChain, (7, 4, 3), True),
     (RefPair, (6, 8, 4, 3), True),
-    (ReshapeBetween, (2, 5, 12), True),
+    (ReshapeBetween, (10, 12), True),
+    (PerToken, (2, 5, 12), False),
     (NonLinear, (5, 16), False),
 ]
 

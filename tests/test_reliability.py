@@ -109,11 +109,6 @@ def test_fallback_converts_traceable_submodules(case: str) -> None:
         torch.testing.assert_close(out, dense_equivalent(model, result)(inp))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Linear skipped inside a nested fallback names its parent '<root>' (the "
-    "sub-conversion's root) instead of the qualified parent 'gate'",
-)
 def test_nested_fallback_names_the_real_parent() -> None:
     result = convert(NestedUntraceable(), torch.randn(4, 64), mode="fresh")
     assert "'gate'" in (result.report.layer("gate.head").reason or "")
@@ -138,11 +133,6 @@ def test_model_failing_on_example_input_raises_ndcompile_error(
     assert info.value.layer == cls.__name__
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="propagate_shapes keeps only the first line of ShapeProp's wrapper error "
-    "('ShapeProp error for: node=... with meta=...') and drops the real cause",
-)
 def test_example_input_error_names_the_cause() -> None:
     with pytest.raises(NdCompileError, match=r"mat1 and mat2 shapes cannot be multiplied"):
         convert(TokenMLP(), torch.randn(4, 63), verify=False)
@@ -270,11 +260,6 @@ def test_multihead_attention_model_converts_and_runs() -> None:
         torch.testing.assert_close(gm(inp), dense_equivalent(model, gm)(inp))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.fx does not record torch.no_grad() inside forward: after conversion "
-    "(any mode) the frozen Linear receives gradients the original never had",
-)
 @pytest.mark.parametrize("mode", ["fresh", "exact"])
 def test_no_grad_inside_forward_is_respected(mode: str) -> None:
     model = NoGradBranch()
@@ -399,20 +384,11 @@ def test_modes_read_from_flatten_idioms(kind: str) -> None:
 # ---------------------------------------------------------------- dynamic shapes
 
 
-LEADING_DIMS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="emit_ndlinear specialises the emitted reshapes to the example's number of "
-    "leading dims: converted with a (B, n) example, a (B, T, n) input silently gives "
-    "(B*T, m) and an unbatched (n,) input gives (1, m)",
-)
-
-
 def _leading_dim_cases() -> list:
     cases = []
     for example in [(2, 5), (4,)]:
         for lead in [(1,), (7,), (2, 1), (2, 3), (4, 11), (2, 3, 4), ()]:
-            marks = [LEADING_DIMS_BUG] if len(example) == 1 and len(lead) != 1 else []
-            cases.append(pytest.param(example, lead, marks=marks, id=f"{example}->{lead}"))
+            cases.append(pytest.param(example, lead, id=f"{example}->{lead}"))
     return cases
 
 
@@ -441,8 +417,8 @@ def _nd_stack() -> nn.Module:
     [
         pytest.param((3,), (3,), id="same"),
         pytest.param((3,), (5,), id="batch"),
-        pytest.param((3,), (2, 5), marks=LEADING_DIMS_BUG, id="extra-dim"),
-        pytest.param((3,), (), marks=LEADING_DIMS_BUG, id="unbatched"),
+        pytest.param((3,), (2, 5), id="extra-dim"),
+        pytest.param((3,), (), id="unbatched"),
         pytest.param((2, 3), (2, 5), id="3d-example"),
         pytest.param((2, 3), (), id="3d-example-unbatched"),
     ],
@@ -468,15 +444,7 @@ def test_exact_mode_keeps_ndlinear_leading_dims(
 @pytest.mark.parametrize(
     "batch",
     [
-        pytest.param(
-            1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="linear_regions.leaf_value drops size-1 dims even when they are "
-                "the batch-varying dim, so a region fused on a batch-1 example hardcodes "
-                "batch 1 (reshape((n,)) fails on any other batch)",
-            ),
-        ),
+        1,
         2,
     ],
 )
@@ -539,22 +507,9 @@ def test_deepcopy_round_trip() -> None:
     assert not torch.equal(dup(x), gm(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GraphModule.__deepcopy__ keeps only known attributes, so .report is lost "
-    "(pickle keeps it)",
-)
 def test_deepcopy_keeps_report() -> None:
     _, _, gm, _ = _fresh_pair()
     assert copy.deepcopy(gm).report.to_dict() == gm.report.to_dict()
-
-
-STRING_ANNOTATIONS = pytest.mark.xfail(
-    strict=True,
-    reason="torch.fx keeps PEP 563 string annotations ('Tensor') as placeholder types; "
-    "GraphModule.__reduce__ then fails with AttributeError: 'str' object has no "
-    "attribute '__name__'",
-)
 
 
 @pytest.mark.parametrize(
@@ -562,8 +517,8 @@ STRING_ANNOTATIONS = pytest.mark.xfail(
     [
         PlainMLP,
         PlainDataDependent,
-        pytest.param(TokenMLP, marks=STRING_ANNOTATIONS),
-        pytest.param(DataDependent, marks=STRING_ANNOTATIONS),
+        TokenMLP,
+        DataDependent,
     ],
 )
 def test_pickle_round_trip(cls: type[nn.Module]) -> None:
@@ -593,11 +548,6 @@ def test_exact_conversion_of_converted_model_is_noop(source_mode: str) -> None:
     assert not again.report.converted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="re-tracing a converted GraphModule rebuilds the submodules its get_attr "
-    "nodes reach as plain nn.Module containers, so fc1/fc2 stop being NdLinear",
-)
 def test_exact_conversion_keeps_ndlinear_modules() -> None:
     x = torch.randn(3, 64)
     gm = convert(TokenMLP(), x, mode="fresh")

@@ -1,0 +1,191 @@
+"""Smoke tests of the benchmark scripts: they run with --quick and write the JSON they promise.
+
+The scripts run in subprocesses (they fix the thread count and reset dynamo, which
+must not leak into other tests). No timing is asserted, only structure and the
+helpers' arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ndlinear")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_layers  # noqa: E402
+import common  # noqa: E402
+
+VARIANT_TIMING_KEYS = {"fwd_ms", "fwd_iqr_ms", "fwdbwd_ms", "fwdbwd_iqr_ms", "gflops"}
+
+
+def run_script(name: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), "--threads", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_layers_quick_json(tmp_path: Path) -> None:
+    out = tmp_path / "layers.json"
+    proc = run_script("bench_layers.py", "--quick", "--cases", "tiny", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert {"meta", "cases"} <= data.keys()
+    assert data["meta"]["threads"] == 1 and data["meta"]["roofline_gflops"] > 0
+    (case,) = data["cases"]
+    assert case["name"] == "tiny" and case["batch"] == 16
+    assert case["plan_flops"] < case["dense_flops"]
+    assert set(case["variants"]) == set(bench_layers.VARIANTS)
+    for name in ("dense", "ref_eager", "nd_eager"):
+        assert case["variants"][name].keys() >= VARIANT_TIMING_KEYS, name
+    # Every variant computes the reference's function (same weights).
+    for name in ("dense", "nd_eager"):
+        assert case["variants"][name]["rel_err_vs_ref"] < 1e-4
+    # Without --compile, quick mode skips compiled variants with a reason.
+    assert "skipped" in case["variants"]["nd_inductor"]
+    assert case["ratios"]["ref_eager"]["fwd_vs_ref_eager"] == pytest.approx(1.0)
+    assert "Summary: forward speedups" in proc.stdout
+
+
+def test_bench_layers_scaling_plot(tmp_path: Path) -> None:
+    out, plot = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    run_script("bench_layers.py", "--quick", "--scaling", "--plot", str(plot), "--json", str(out))
+    sweeps = json.loads(out.read_text())["scaling"]["sweeps"]
+    assert [p["value"] for p in sweeps["batch"]] == [16, 64]
+    assert [p["value"] for p in sweeps["mode"]] == [8, 16]
+    assert all(p["ref_eager_ms"] > 0 and p["nd_eager_ms"] > 0 for p in sweeps["mode"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_models_quick_json(tmp_path: Path) -> None:
+    out = tmp_path / "models.json"
+    run_script("bench_models.py", "--quick", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert [m["name"] for m in data["models"]] == ["image_mlp", "encoder"]
+    for model in data["models"]:
+        orig, conv = model["original"], model["converted"]
+        for side in (orig, conv):
+            assert {
+                "params",
+                "flops",
+                "eager_fwd_ms",
+                "eager_train_ms",
+                "peak_fwd_mb",
+                "peak_train_mb",
+                "memory_method",
+            } <= side.keys()
+        assert conv["params"] < orig["params"]
+        assert model["linear_flops_after"] < model["linear_flops_before"]
+        assert model["report"]["converted"] >= 1
+        assert model["ratios"]["params"] == pytest.approx(orig["params"] / conv["params"])
+    mlp = data["models"][0]["report"]
+    assert [layer["status"] for layer in mlp["layers"]] == ["converted", "converted", "skipped"]
+
+
+def test_unknown_case_is_a_clear_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_layers.py"), "--cases", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "no case matches 'nope'" in proc.stderr and "image32" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("patterns", "quick", "expected"),
+    [
+        (None, True, list(bench_layers.QUICK_CASES)),
+        (None, False, ["image32", "cube16_b256", "cube16_b512", "wide64", "mlp768", "4mode8"]),
+        ("cube16*", False, ["cube16_b256", "cube16_b512"]),
+        ("mlp768,image32,mlp768", True, ["mlp768", "image32"]),
+    ],
+)
+def test_select_cases(patterns: str | None, quick: bool, expected: list[str]) -> None:
+    assert [c.name for c in bench_layers.select_cases(patterns, quick)] == expected
+
+
+def test_ratios_from_a_record() -> None:
+    record = {
+        "variants": {
+            "dense": {"fwd_ms": 8.0, "fwdbwd_ms": 30.0},
+            "ref_eager": {"fwd_ms": 2.0, "fwdbwd_ms": 6.0},
+            "nd_eager": {"fwd_ms": 1.0, "fwdbwd_ms": 4.0},
+            "ref_inductor": {"skipped": "no compile"},
+        }
+    }
+    r = bench_layers.ratios(record)
+    assert r["nd_eager"]["fwd_vs_ref_eager"] == 2.0
+    assert r["nd_eager"]["fwdbwd_vs_dense"] == 7.5
+    assert r["nd_eager"]["fwd_vs_ref_inductor"] is None
+    assert "ref_inductor" not in r
+
+
+def test_format_table_aligns_columns() -> None:
+    text = common.format_table(("name", "ms"), [("a", "1.5"), ("longer", "10.25")])
+    lines = text.splitlines()
+    assert lines[0] == "| name   | ms    |"
+    assert lines[1] == "|--------|-------|"
+    assert lines[2] == "| a      |   1.5 |"
+    assert len({len(line) for line in lines}) == 1
+
+
+def test_time_call_counts_samples() -> None:
+    calls = []
+    import torch
+
+    timing = common.time_call(
+        lambda: calls.append(1),
+        torch.device("cpu"),
+        warmup=2,
+        min_iters=5,
+        max_iters=7,
+        budget_s=0.0,
+    )
+    assert timing.samples == 5 and len(calls) == 7
+    assert timing.median_ms >= 0 and timing.iqr_ms >= 0
+
+
+def test_time_interleaved_rotates_and_drops_failures() -> None:
+    import torch
+
+    calls: list[str] = []
+    errors: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("no backend")
+
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "bad": broken}
+    timings = common.time_interleaved(
+        fns,
+        torch.device("cpu"),
+        warmup=2,
+        min_iters=3,
+        max_iters=3,
+        budget_s=0.0,
+        burst_ms=0.0,
+        on_error=lambda name, exc: errors.append(f"{name}: {exc}"),
+    )
+    assert set(timings) == {"a", "b"} and errors == ["bad: no backend"]
+    assert timings["a"].samples == 3 and timings["b"].samples == 3
+    # Two warm-up calls each, then three rounds whose order rotates.
+    assert calls == ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b"]
+    with pytest.raises(RuntimeError, match="no backend"):
+        common.time_interleaved({"bad": broken}, torch.device("cpu"))
