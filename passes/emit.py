@@ -8,7 +8,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ndcompile.layers import NdLinear, apply_ndlinear, mode_bias
 
-__all__ = ["LEAD_SOURCE", "emit_ndlinear", "set_submodule"]
+__all__ = ["LEAD_SOURCE", "emit_ndlinear", "replace_call", "set_submodule"]
 
 
 def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
@@ -86,3 +86,15 @@ def emit_ndlinear(
         if node not in before:
             node.meta["ndcompile_region"] = f"{qualname}@{out.node.name}"
     return out.node
+
+
+def replace_call(
+    gm: fx.GraphModule, node: fx.Node, qualname: str, layer: NdLinear, *, flat_input: bool
+) -> fx.Node:
+    """Replace the call ``node`` (on ``node.args[0]``) by ``layer``'s emitted contraction."""
+    with gm.graph.inserting_before(node):
+        out = emit_ndlinear(gm, node.args[0], qualname, layer, flat_input=flat_input)
+    out.meta["tensor_meta"] = node.meta.get("tensor_meta")
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return out

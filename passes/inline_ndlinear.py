@@ -24,7 +24,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ndcompile.frontend import is_reference_ndlinear
 from ndcompile.layers import NdLinear
-from ndcompile.passes.emit import emit_ndlinear, set_submodule
+from ndcompile.passes.emit import replace_call, set_submodule
 
 __all__ = ["InlinedLayer", "inline_ndlinear"]
 
@@ -81,11 +81,7 @@ def inline_ndlinear(gm: fx.GraphModule, *, optimizer: str = "auto") -> PassResul
             gm.meta.setdefault("ndcompile_inlined", []).append(
                 InlinedLayer(node.target, kind, params, rows)
             )
-        with gm.graph.inserting_before(node):
-            out = emit_ndlinear(gm, node.args[0], node.target, layer, flat_input=False)
-        out.meta["tensor_meta"] = node.meta.get("tensor_meta")
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        replace_call(gm, node, node.target, layer, flat_input=False)
         modified = True
     if modified:
         gm.graph.lint()

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ndcompile.layers import NdLinear
-from ndcompile.passes.emit import emit_ndlinear, set_submodule
+from ndcompile.passes.emit import replace_call, set_submodule
 from ndcompile.passes.find_linear import LinearSite
 
 __all__ = ["LayerFactory", "rewrite_ndlinear"]
@@ -54,11 +54,7 @@ def rewrite_ndlinear(
         layer = make_layer(site)
         set_submodule(gm, site.name, layer)
         for node in site.nodes:
-            with gm.graph.inserting_before(node):
-                out = emit_ndlinear(gm, node.args[0], site.name, layer, flat_input=True)
-            out.meta["tensor_meta"] = node.meta.get("tensor_meta")
-            node.replace_all_uses_with(out)
-            gm.graph.erase_node(node)
+            replace_call(gm, node, site.name, layer, flat_input=True)
             modified = True
     if modified:
         gm.graph.lint()
