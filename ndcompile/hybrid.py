@@ -26,7 +26,6 @@ site of ``convert(mode="factorize")``, filling its report entry.
 from __future__ import annotations
 
 import math
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,7 +42,7 @@ from ndcompile.factorize import (
     output_rel_error,
     rearrange,
 )
-from ndcompile.factorize_calibrated import _mode_system, _objective_terms, _rebalance
+from ndcompile.factorize_calibrated import kron_als
 from ndcompile.layers import NdLinear
 from ndcompile.passes.find_linear import LinearSite
 from ndcompile.report import LayerReport
@@ -85,65 +84,6 @@ def top_svd(m: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     if transpose:
         return other.T, s * live, vecs.T
     return vecs, s * live, other
-
-
-def _psd_solve(a: Tensor, rhs: Tensor) -> Tensor:
-    """Solve ``a x = rhs`` for a symmetric PSD ``a`` (Cholesky, pseudo-inverse fallback)."""
-    ridge = 1e-12 * float(a.diagonal().abs().mean().clamp_min(1e-300))
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    chol, info = torch.linalg.cholesky_ex(a + ridge * eye)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs, chol)
-    return torch.linalg.pinv(a, hermitian=True, rtol=1e-13) @ rhs
-
-
-def kron_als(
-    target: Tensor, factors: Sequence[Tensor], gram: Tensor, *, n_iter: int = 10, tol: float = 1e-6
-) -> list[Tensor]:
-    """Refine Kronecker factors to minimise ``tr((T - K) G (T - K)ᵀ)``, warm-started.
-
-    Block-coordinate descent over the modes: each block step solves its convex
-    quadratic exactly and is kept only when it lowers the objective, so the result
-    is never worse than ``factors``.
-
-    Args:
-        target: Dense float64 target ``T (prod h, prod d)``.
-        factors: Starting factors, factor i of shape ``(R, h_i, d_i)``.
-        gram: ``G (prod d, prod d)`` float64.
-        n_iter: Maximum sweeps over the modes.
-        tol: Stop when a sweep lowers the objective by less than this fraction.
-
-    Returns:
-        The refined factors (float64).
-    """
-    factors = [f.detach().to(target) for f in factors]
-    n = len(factors)
-    if n == 1:
-        return [target.unsqueeze(0).clone()] if factors[0].shape[0] == 1 else factors
-    in_shape = tuple(int(f.shape[2]) for f in factors)
-    out_shape = tuple(int(f.shape[1]) for f in factors)
-    g_t = gram.reshape(*in_shape, *in_shape)
-    wg = (target @ gram).reshape(*out_shape, *in_shape)
-    const = float((wg.reshape(target.shape) * target).sum())
-    prev = math.inf
-    for _ in range(max(n_iter, 1)):
-        obj = math.inf
-        for k in range(n):
-            h, b = _mode_system(factors, k, g_t, wg, string.ascii_letters)
-            rk, hk, dk = factors[k].shape
-            hmat = h.permute(0, 2, 1, 3).reshape(rk * dk, rk * dk)
-            rhs = b.permute(0, 2, 1).reshape(rk * dk, hk)
-            new = _psd_solve(hmat, rhs).reshape(rk, dk, hk).permute(0, 2, 1)
-            old_obj, new_obj = _objective_terms(h, b, factors[k]), _objective_terms(h, b, new)
-            if new_obj < old_obj:
-                factors[k] = new.contiguous()
-            obj = min(old_obj, new_obj)
-        factors = _rebalance(factors)
-        obj += const
-        if obj <= 0 or prev - obj < tol * abs(prev):
-            break
-        prev = obj
-    return factors
 
 
 class WhitenedMetric:
