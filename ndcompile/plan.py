@@ -12,6 +12,9 @@ the remaining contractions comes from opt_einsum and the layout of each step fro
     time = Σ_matmul max(FLOPs / (peak · efficiency), bytes / bandwidth) + overhead
          + Σ_permute 2 · bytes / bandwidth + overhead
 
+where the bandwidth of an op depends on the size it writes (large fresh buffers pay
+page faults; small ones mostly hit cache)
+
 using measured machine constants (:mod:`ndcompile.machine`). ``autotune=True`` times
 the best few candidates on the real shapes instead and caches the decision on disk
 keyed on (network, shapes, dtype, device, threads, torch version).
@@ -37,6 +40,12 @@ __all__ = ["Candidate", "PlanChoice", "estimate_us", "groupings", "plan_ndlinear
 
 #: Kronecker blocks larger than this (elements) are not materialised.
 MAX_BLOCK_ELEMENTS = 1 << 21
+#: Outputs above this size are fresh allocations that stream at the measured (large
+#: copy) bandwidth; smaller ones mostly stay in cache and reuse allocator memory.
+LARGE_BUFFER_BYTES = 16 * 2**20
+#: Effective bandwidth of small outputs relative to the measured large-copy bandwidth
+#: (fitted to timed candidates of the benchmark cases on a 2-core CPU).
+CACHED_BANDWIDTH_FACTOR = 4.0
 #: Mode orders are enumerated for layers with at most this many modes.
 MAX_ORDER_MODES = 4
 #: Matmul dims below this run at reduced efficiency.
@@ -106,10 +115,15 @@ def groupings(n: int) -> list[tuple[tuple[int, ...], ...]]:
     return out
 
 
+def _bandwidth(machine: MachineModel, nbytes: float) -> float:
+    """Bytes per µs for an op writing ``nbytes``: fresh large buffers pay page faults."""
+    gbs = machine.bandwidth_gbs
+    return (gbs if nbytes > LARGE_BUFFER_BYTES else CACHED_BANDWIDTH_FACTOR * gbs) * 1e3
+
+
 def estimate_us(program: ContractionProgram, machine: MachineModel, itemsize: int = 4) -> float:
     """Cost-model time of one execution of ``program``, in microseconds."""
     peak = machine.matmul_gflops * 1e3  # FLOP per µs
-    bw = machine.bandwidth_gbs * 1e3  # bytes per µs
     total = 0.0
     for ins in program.instructions:
         if ins.op == "matmul":
@@ -117,10 +131,13 @@ def estimate_us(program: ContractionProgram, machine: MachineModel, itemsize: in
             eff = math.sqrt(min(1.0, m / EFFICIENT_DIM) * min(1.0, n / EFFICIENT_DIM))
             eff *= min(1.0, k / EFFICIENT_DIM) ** 0.5
             flops = 2.0 * batch * m * k * n
-            moved = itemsize * (lb * m * k + rb * k * n + batch * m * n)
+            written = itemsize * batch * m * n
+            moved = itemsize * (lb * m * k + rb * k * n) + written
+            bw = _bandwidth(machine, written)
             total += max(flops / (peak * max(eff, 0.02)), moved / bw) + machine.op_overhead_us
         elif ins.op == "permute":
-            total += 2.0 * itemsize * ins.dims[0] / bw + machine.op_overhead_us
+            nbytes = itemsize * ins.dims[0]
+            total += 2.0 * nbytes / _bandwidth(machine, nbytes) + machine.op_overhead_us
         else:
             total += 0.3 * machine.op_overhead_us
     return total

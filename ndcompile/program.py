@@ -39,7 +39,8 @@ class Instruction:
         op: One of ``"reshape"``, ``"permute"``, ``"matmul"``, ``"sum"``.
         srcs: Register numbers read.
         out: Register number written.
-        arg: The shape (reshape), permutation (permute) or dims (sum).
+        arg: The shape (reshape), permutation (permute), dims (sum) or the operand
+            ranks (matmul).
         dims: Nominal sizes for cost models: ``(batch, m, k, n, left_batch,
             right_batch)`` of a matmul (the batch each operand really has; the other
             is broadcast), the element count of a permute.
@@ -86,7 +87,14 @@ class ContractionProgram:
             elif ins.op == "permute":
                 regs[ins.out] = regs[ins.srcs[0]].permute(ins.arg)
             elif ins.op == "matmul":
-                regs[ins.out] = torch.matmul(regs[ins.srcs[0]], regs[ins.srcs[1]])
+                a, b = regs[ins.srcs[0]], regs[ins.srcs[1]]
+                if ins.arg == (2, 3):
+                    # A shared matrix times a batch: torch.matmul would copy the batch
+                    # transposed when the matrix requires grad; bmm on a broadcast view
+                    # of the matrix reads both in place.
+                    regs[ins.out] = torch.bmm(a.expand(b.shape[0], -1, -1), b)
+                else:
+                    regs[ins.out] = torch.matmul(a, b)
             elif ins.op == "sum":
                 regs[ins.out] = regs[ins.srcs[0]].sum(ins.arg)
             else:  # pragma: no cover - instructions are built by this module only
@@ -306,7 +314,7 @@ def _contract_pair(
         b.elements(s + ll),
         b.elements(s + rlead),
     )
-    out = b.emit("matmul", (rl, rr), (), matmul_dims)
+    out = b.emit("matmul", (rl, rr), (len(lshape), len(rshape)), matmul_dims)
     out_idx = s + ll + rlead + ml + mr
     out = b.reshape(out, mshape, b.shape_of(out_idx))
     return out, out_idx
