@@ -61,7 +61,20 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
 
 from ndcompile.layers import NdLinear
 
-__all__ = ["CASES", "QUICK_CASES", "VARIANTS", "Case", "bench_case", "main", "select_cases"]
+__all__ = [
+    "CASES",
+    "PHASES",
+    "QUICK_CASES",
+    "VARIANTS",
+    "Case",
+    "bench_case",
+    "main",
+    "phase_callables",
+    "ratios",
+    "reference_flops",
+    "run_scaling",
+    "select_cases",
+]
 
 VARIANTS: tuple[str, ...] = (
     "dense",

@@ -71,6 +71,15 @@ def _copy(val: LinVal) -> LinVal:
     )
 
 
+def _data_users(node: fx.Node) -> list[fx.Node]:
+    """Users that read ``node``'s values (``node.shape`` queries only read its shape)."""
+    return [
+        u
+        for u in node.users
+        if not (u.op == "call_function" and u.target is getattr and u.args[1:] == ("shape",))
+    ]
+
+
 def lift_regions(gm: fx.GraphModule) -> dict[fx.Node, LinVal]:
     """Values of the region *outputs* of ``gm`` (nodes whose value leaves a region)."""
     if not any("ndcompile_shape" in n.meta for n in gm.graph.nodes):
@@ -84,7 +93,7 @@ def lift_regions(gm: fx.GraphModule) -> dict[fx.Node, LinVal]:
     def value_of(arg: object) -> LinVal:
         if not isinstance(arg, fx.Node):
             raise RegionError("non-tensor operand")
-        if arg in values and len(arg.users) == 1:
+        if arg in values and len(_data_users(arg)) == 1:
             return _copy(values[arg])
         shape = arg.meta.get("ndcompile_shape")
         meta = arg.meta.get("tensor_meta")
@@ -102,7 +111,7 @@ def lift_regions(gm: fx.GraphModule) -> dict[fx.Node, LinVal]:
         values[node] = val
     outputs = {}
     for node, val in values.items():
-        users = list(node.users)
+        users = _data_users(node)
         if len(users) != 1 or users[0] not in values:
             outputs[node] = val
     return outputs
@@ -110,11 +119,12 @@ def lift_regions(gm: fx.GraphModule) -> dict[fx.Node, LinVal]:
 
 def _tags(gm: fx.GraphModule, node: fx.Node) -> set[tuple[str, str]]:
     region = node.meta.get("ndcompile_fused_region", node.meta.get("ndcompile_region"))
-    if region is not None:
-        return {("r", str(region))}
     target = node.target
     if node.op == "call_module" or target in CONTRACTIONS:
-        return {("c", node.name)}
+        # An emitted layer or fused region counts as one source however many ops it has.
+        return {("r", str(region))} if region is not None else {("c", node.name)}
+    if region is not None:
+        return set()
     if target in LAYOUT_OPS:
         return {("m", node.name)}
     return set()

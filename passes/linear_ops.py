@@ -92,6 +92,21 @@ def _lift_reshape(node: fx.Node, value_of: ValueOf, f: IndexFactory) -> LinVal:
     return val
 
 
+def _lift_expand(node: fx.Node, value_of: ValueOf, f: IndexFactory) -> LinVal:
+    """``x.expand(B, ...)`` that only prepends broadcast dims (as ``bmm`` operands do)."""
+    val = value_of(node.args[0])
+    shape, dyn = _nominal(node), node_dyn(node)
+    new = len(shape) - len(val.dims)
+    if new < 0 or any(val.dim_size(k) != shape[new + k] for k in range(len(val.dims))):
+        raise RegionError("expand of existing dims")
+    lead = [
+        (f.fresh(val.sizes, val.nominal, s, d == -1),)
+        for s, d in zip(shape[:new], dyn[:new], strict=True)
+    ]
+    val.dims = [*lead, *val.dims]
+    return val
+
+
 def _matmul_values(a: LinVal, b: LinVal, f: IndexFactory) -> LinVal:
     vec_a, vec_b = len(a.dims) == 1, len(b.dims) == 1
     if vec_a:
@@ -282,6 +297,7 @@ RULES: list[tuple[set[Any], Callable[[fx.Node, ValueOf, IndexFactory], LinVal]]]
     (_TRANSPOSES, _lift_transpose),
     (_IDENTITIES, _lift_identity),
     (_RESHAPES, _lift_reshape),
+    ({"expand"}, _lift_expand),
     (MATMULS | {"matmul", "mm", "bmm"}, _lift_matmul),
     (LINEARS, _lift_linear),
     (EINSUMS, _lift_einsum),

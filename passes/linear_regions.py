@@ -250,10 +250,23 @@ def regroup(val: LinVal, shape: tuple[int, ...], dyn: tuple[bool, ...], f: Index
     val.dims = groups
 
 
+def _in_leaves(val: LinVal, idx: str) -> bool:
+    return any(idx in d for t in val.terms for leaf in t.leaves for d in leaf.dims)
+
+
 def unify(a: LinVal, da: int, b: LinVal, db: int, f: IndexFactory) -> None:
     """Make dim ``db`` of ``b`` use the same atomic indices as dim ``da`` of ``a``."""
     if a.dim_size(da) != b.dim_size(db) or a.dynamic(da) != b.dynamic(db):
         raise RegionError("joined dims differ in size")
+    # A broadcast dim (made by expand, read by no tensor) simply takes the other's atoms.
+    for free, fd, other, od in ((a, da, b, db), (b, db, a, da)):
+        group = free.dims[fd]
+        if len(group) == 1 and not _in_leaves(free, group[0]):
+            atoms = other.dims[od]
+            _substitute(free, group[0], atoms)
+            for i in atoms:
+                free.sizes[i], free.nominal[i] = other.sizes[i], other.nominal[i]
+            return
     # Common refinement of the two row-major groupings, then rename b's atoms.
     for _ in range(64):
         ga, gb = list(a.dims[da]), list(b.dims[db])

@@ -164,7 +164,7 @@ def test_ndlinear_rewrite_removes_transposes() -> None:
     assert constants == []
     assert [e.name for e in report.converted] == ["nd1", "nd2"]
     assert _count(new_gm, "transpose", "contiguous", "linear") == 2  # fc1, fc2 remain
-    assert _count(new_gm, "matmul") >= 6
+    assert _count(new_gm, "matmul", "bmm") >= 6
     assert _count(gm, "transpose") > 0, "the input graph must not be modified"
     new_gm.graph.lint()
     torch.testing.assert_close(new_gm(*example_inputs)[0], model(x), rtol=1e-10, atol=1e-12)

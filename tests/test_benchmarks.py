@@ -189,3 +189,16 @@ def test_time_interleaved_rotates_and_drops_failures() -> None:
     assert calls == ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b"]
     with pytest.raises(RuntimeError, match="no backend"):
         common.time_interleaved({"bad": broken}, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # 2*B*(d1 h1 d2 d3 + h1 d2 h2 d3 + h1 h2 d3 h3): one Linear per mode, first to last.
+        ("image32", 2 * 64 * (32 * 32 * 96 + 32 * 32 * 32 * 3 + 1024 * 3 * 3)),
+        ("wide64", 2 * 32 * (64 * 32 * 512 + 32 * 64 * 32 * 8 + 32 * 32 * 8 * 8)),
+        ("mlp768", 2 * 4096 * (24 * 48 * 32 + 48 * 32 * 64)),
+    ],
+)
+def test_reference_flops(name: str, expected: int) -> None:
+    assert bench_layers.reference_flops(bench_layers.CASES[name]) == expected
