@@ -202,3 +202,14 @@ def test_time_interleaved_rotates_and_drops_failures() -> None:
 )
 def test_reference_flops(name: str, expected: int) -> None:
     assert bench_layers.reference_flops(bench_layers.CASES[name]) == expected
+
+
+def test_bench_onnx_quick_json(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx.json"
+    proc = run_script("bench_onnx.py", "--quick", "--json", str(out), timeout=240)
+    assert "onnxruntime ms" in proc.stdout
+    data = json.loads(out.read_text())
+    for case in data["cases"]:
+        assert set(case["fwd_ms"]) == {"eager", "inductor", "onnxruntime"}
+        assert case["onnx_max_abs_error"] < 1e-4
