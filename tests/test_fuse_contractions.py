@@ -298,3 +298,18 @@ def test_optimize_random_stacks_exact(seed: int) -> None:
         out.sum().backward()
         ref.sum().backward()
         torch.testing.assert_close(xb.grad, xr.grad, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_optimized_graph_compiles_fullgraph(dynamic: bool) -> None:
+    # aot_eager runs dynamo (fullgraph: no graph breaks) and AOT autograd without
+    # inductor's codegen, which keeps the test fast on a 2-core CPU.
+    torch.manual_seed(0)
+    model = RefPair()
+    x = torch.randn(6, 8, 4, 3)
+    gm = ndcompile.optimize(model, x)
+    assert gm.meta["ndcompile_fused"]
+    compiled = torch.compile(gm, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for batch in (6, 9):
+        xb = torch.randn(batch, 8, 4, 3)
+        torch.testing.assert_close(compiled(xb), model(xb), atol=1e-5, rtol=1e-5)
