@@ -33,6 +33,8 @@ __all__ = [
     "PlainDataDependent",
     "PlainMLP",
     "SharedEmbedding",
+    "SmallBlock",
+    "SmallUntraceable",
     "TiedTwice",
     "TokenMLP",
     "Unflatten",
@@ -444,3 +446,28 @@ def _local_gradients(ddp: nn.Module, model: nn.Module, x: Tensor) -> dict[str, T
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return grads
+
+
+class SmallBlock(nn.Module):
+    """``(*, 32) -> (*, 48)``: Linear + ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 48)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.fc(x))
+
+
+class SmallUntraceable(nn.Module):
+    """Data-dependent control flow at the top: convert converts ``block`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = SmallBlock()
+        self.out = nn.Linear(48, 32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 0:
+            x = x * 2
+        return self.out(self.block(x))

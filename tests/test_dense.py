@@ -13,6 +13,8 @@ from ndcompile.errors import NdCompileError
 from ndcompile.frontend import trace
 from ndcompile.layers import NdLinear
 
+from reliability_models import SmallUntraceable
+
 
 class ImageMLP(nn.Module):
     """Flattened (H, W, C) input: fc1's modes come from the graph, fc2's are factored."""
@@ -128,37 +130,14 @@ def test_call_module_ndlinear_is_replaced() -> None:
     assert torch.allclose(dense(x), gm(x), atol=1e-6)
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(32, 48)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(x))
-
-
-class Untraceable(nn.Module):
-    """Data-dependent control flow at the top: convert converts ``block`` only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.block = Block()
-        self.out = nn.Linear(48, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            x = x * 2
-        return self.out(self.block(x))
-
-
 def test_partially_converted_model() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 32)
-    gm = ndcompile.convert(Untraceable(), x, mode="fresh")
+    gm = ndcompile.convert(SmallUntraceable(), x, mode="fresh")
     assert not isinstance(gm, fx.GraphModule)
     assert isinstance(gm.get_submodule("block.fc"), NdLinear)
     dense = to_dense(gm)
-    assert type(dense) is Untraceable
+    assert type(dense) is SmallUntraceable
     assert type(dense.get_submodule("block.fc")) is nn.Linear
     for batch in (x, -x):  # both branches of the top-level control flow
         assert torch.allclose(dense(batch), gm(batch), atol=1e-6)

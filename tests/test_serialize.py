@@ -18,6 +18,8 @@ from ndcompile.errors import NdCompileError
 from ndcompile.layers import NdLinear
 from ndcompile.serialize import FORMAT_VERSION, METADATA_KEY, load, read_metadata, save
 
+from reliability_models import SmallUntraceable
+
 
 class ImageMLP(nn.Module):
     """fc1 gets graph modes (4, 6, 2); fc2 is factored; head is too small to convert."""
@@ -267,33 +269,10 @@ def test_load_does_not_touch_the_model(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(32, 48)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(x))
-
-
-class Untraceable(nn.Module):
-    """Data-dependent control flow at the top: convert converts ``block`` only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.block = Block()
-        self.out = nn.Linear(48, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            x = x * 2
-        return self.out(self.block(x))
-
-
 def test_partially_converted_save_needs_the_example(tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 32)
-    gm = ndcompile.convert(Untraceable(), x, mode="fresh", rank=2)
+    gm = ndcompile.convert(SmallUntraceable(), x, mode="fresh", rank=2)
     assert not isinstance(gm, fx.GraphModule)
     with pytest.raises(NdCompileError, match="example_input"):
         save(gm, tmp_path / "p.safetensors")
@@ -305,10 +284,10 @@ def test_partially_converted_save_needs_the_example(tmp_path: Path) -> None:
 def test_partially_converted_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 32)
-    gm = ndcompile.convert(Untraceable(), x, mode="fresh", rank=2)
+    gm = ndcompile.convert(SmallUntraceable(), x, mode="fresh", rank=2)
     path = save(gm, tmp_path / "p.safetensors", example_input=x)
-    restored = load(path, Untraceable())
-    assert type(restored) is Untraceable
+    restored = load(path, SmallUntraceable())
+    assert type(restored) is SmallUntraceable
     assert isinstance(restored.get_submodule("block.fc"), NdLinear)
     with torch.no_grad():
         assert torch.allclose(restored(x), gm(x), atol=1e-6)
