@@ -19,17 +19,6 @@ from ndcompile.layers import NdLinear
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _environment(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A private plan cache; one thread (small linear algebra is slower on two busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NDCOMPILE_CACHE_DIR", str(tmp_path_factory.mktemp("ndcompile_cache")))
-        yield
-    torch.set_num_threads(threads)
-
-
 class MLP(nn.Module):
     """``(B, 8, 8)`` digits -> 64 -> 64 -> 10."""
 

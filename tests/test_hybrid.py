@@ -27,17 +27,6 @@ from ndcompile.passes.find_linear import LinearSite
 from ndcompile.report import LayerReport
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _environment(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A private plan cache; one thread (small linear algebra is slower on two busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NDCOMPILE_CACHE_DIR", str(tmp_path_factory.mktemp("ndcompile_cache")))
-        yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained() -> dict[str, tuple[Tensor, Tensor]]:
     """Weights and input Gram matrices of a digits MLP trained for a few epochs."""

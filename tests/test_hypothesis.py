@@ -62,6 +62,28 @@ def _divisors(n: int) -> list[int]:
     return [a for a in range(2, n) if n % a == 0]
 
 
+#: Ops that only move or regroup values (shared by both model strategies).
+LAYOUT_OPS = ("relu", "flatten", "unflatten", "permute")
+
+
+def _layout_op(draw: st.DrawFn, op: str, shape: list[int], spec: list[OpSpec]) -> list[int]:
+    """Append a relu/flatten/unflatten/permute op to ``spec``; returns the new shape."""
+    if op == "relu":
+        spec.append(("relu",))
+    elif op == "flatten":
+        spec.append(("flatten",))
+        shape = [math.prod(shape)]
+    elif op == "unflatten":
+        a = draw(st.sampled_from(_divisors(shape[-1])))
+        spec.append(("unflatten", (a, shape[-1] // a)))
+        shape = [*shape[:-1], a, shape[-1] // a]
+    else:
+        perm = draw(st.permutations(range(len(shape))))
+        spec.append(("permute", tuple(perm)))
+        shape = [shape[p] for p in perm]
+    return shape
+
+
 @st.composite
 def exact_specs(draw: st.DrawFn) -> tuple[tuple[int, ...], list[OpSpec]]:
     """Feature shape and ops of a random model with NdLinear layers to inline."""
@@ -79,19 +101,8 @@ def exact_specs(draw: st.DrawFn) -> tuple[tuple[int, ...], list[OpSpec]]:
             out = draw(st.integers(1, 6))
             spec.append(("linear", shape[-1], out, draw(st.booleans())))
             shape[-1] = out
-        elif op == "relu":
-            spec.append(("relu",))
-        elif op == "flatten":
-            spec.append(("flatten",))
-            shape = [math.prod(shape)]
-        elif op == "unflatten":
-            a = draw(st.sampled_from(_divisors(shape[-1])))
-            spec.append(("unflatten", (a, shape[-1] // a)))
-            shape[-1:] = [a, shape[-1] // a]
-        elif op == "permute":
-            perm = draw(st.permutations(range(len(shape))))
-            spec.append(("permute", tuple(perm)))
-            shape = [shape[p] for p in perm]
+        elif op in LAYOUT_OPS:
+            shape = _layout_op(draw, op, shape, spec)
         elif op == "ndlinear":
             k = draw(st.integers(1, len(shape)))
             outs = [draw(st.integers(1, 4)) for _ in range(k)]
@@ -125,19 +136,8 @@ def fresh_specs(draw: st.DrawFn) -> tuple[tuple[int, ...], list[OpSpec]]:
             out = draw(sizes)
             spec.append(("linear", shape[-1], out, draw(st.booleans())))
             shape[-1] = out
-        elif op == "relu":
-            spec.append(("relu",))
-        elif op == "flatten":
-            spec.append(("flatten",))
-            shape = [math.prod(shape)]
-        elif op == "unflatten":
-            a = draw(st.sampled_from(_divisors(shape[-1])))
-            spec.append(("unflatten", (a, shape[-1] // a)))
-            shape[-1:] = [a, shape[-1] // a]
-        elif op == "permute":
-            perm = draw(st.permutations(range(len(shape))))
-            spec.append(("permute", tuple(perm)))
-            shape = [shape[p] for p in perm]
+        elif op in LAYOUT_OPS:
+            shape = _layout_op(draw, op, shape, spec)
         elif op == "ndlinear":
             k = draw(st.integers(1, len(shape)))
             outs = [draw(modes) for _ in range(k)]
