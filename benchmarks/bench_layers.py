@@ -7,7 +7,7 @@ For every case, in one process and from the same weights, times the forward pass
                      flattened input;
 * ``ref_eager``      the reference ``ndlinear.NdLinear``;
 * ``ref_inductor``   ``torch.compile(reference, backend="inductor")``;
-* ``nd_eager``       ``ndcompile.layers.NdLinear.from_reference(reference)``;
+* ``nd_eager``       ``ndcompile.layers.ndlinear.NdLinear.from_reference(reference)``;
 * ``nd_inductor``    ``torch.compile(nd_eager, backend="inductor")``;
 * ``ref_ndcompile``  ``torch.compile(reference, backend="ndcompile")`` when that
                      backend is registered and works;
@@ -59,7 +59,7 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
         write_json,
     )
 
-from ndcompile.layers import NdLinear
+from ndcompile.layers.ndlinear import NdLinear
 
 __all__ = [
     "CASES",

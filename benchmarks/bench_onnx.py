@@ -30,8 +30,8 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
         write_json,
     )
 
-from ndcompile.export import export_onnx, time_onnxruntime
-from ndcompile.layers import NdLinear
+from ndcompile.backends.onnx import export_onnx, time_onnxruntime
+from ndcompile.layers.ndlinear import NdLinear
 
 __all__ = ["bench_onnx_case", "main"]
 

@@ -35,7 +35,7 @@ from digits_ndlinear import accuracy, digits_split, markdown_table, train
 from torch import Tensor, nn
 
 import ndcompile
-from ndcompile.adapters import count_trainable, merge_adapters
+from ndcompile.compress.adapters import count_trainable, merge_adapters
 
 __all__ = ["Block", "LoRALinear", "RowTransformer", "add_lora", "build_variants", "main"]
 

@@ -19,7 +19,7 @@ import ndlinear
 import torch
 from torch import nn
 
-from ndcompile.backend import register_backend
+from ndcompile.backends.dynamo import register_backend
 
 __all__ = ["NdMLP", "main", "median_ms"]
 

@@ -8,11 +8,11 @@ parameters by
 * the nearest Kronecker sum of the largest rank within the budget
   (``ndcompile.convert(..., mode="factorize", include=["*mlp*"], rank=R)``), and
 * the best form at the budget among Kronecker, low-rank and Kronecker + low-rank
-  hybrids (:func:`ndcompile.hybrid.budget_layer`),
+  hybrids (:func:`ndcompile.compress.hybrid.budget_layer`),
 
 both fitted on calibration activations. The table shows the test accuracy right
 after conversion, after layer-wise distillation and after whole-model
-distillation (:func:`ndcompile.distill.distill`), and the relative error of the
+distillation (:func:`ndcompile.compress.distill.distill`), and the relative error of the
 test logits against the dense model's.
 
 Run::
@@ -34,12 +34,16 @@ from digits_ndlinear import accuracy, digits_split, markdown_table, train
 from torch import Tensor, nn
 
 import ndcompile
-from ndcompile.distill import distill
-from ndcompile.factorize import kronecker_params, plan_mode_shapes
-from ndcompile.factorize_layers import capture_grams
-from ndcompile.frontend import propagate_shapes, trace
-from ndcompile.hybrid import budget_layer
-from ndcompile.passes import LinearSite, dead_code_elimination, find_linear_sites, rewrite_ndlinear
+from ndcompile.compress.distill import distill
+from ndcompile.compress.hybrid import budget_layer
+from ndcompile.compress.kronecker import kronecker_params, plan_mode_shapes
+from ndcompile.compress.layer_fits import capture_grams
+from ndcompile.frontend.sites import LinearSite, find_linear_sites
+from ndcompile.frontend.trace import propagate_shapes, trace
+from ndcompile.passes import (
+    dead_code_elimination,
+    rewrite_ndlinear,
+)
 from ndcompile.report import LayerReport
 
 __all__ = ["Encoder", "budget_convert", "main"]
@@ -107,7 +111,7 @@ def budget_convert(
     """Replace the selected Linears by the best form at ``budget`` (activation-aware).
 
     The same pipeline as ``ndcompile.convert(mode="factorize")`` with
-    :func:`ndcompile.hybrid.budget_layer` as the layer factory.
+    :func:`ndcompile.compress.hybrid.budget_layer` as the layer factory.
     """
     gm = trace(copy.deepcopy(model))
     propagate_shapes(gm, (example,))

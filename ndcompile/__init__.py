@@ -7,17 +7,18 @@ Quick use::
     print(converted.report)
 """
 
-from ndcompile.adapters import adapter_state_dict, load_adapter_state_dict, merge_adapters
-from ndcompile.backend import ndcompile_backend, register_backend
-from ndcompile.convert import MODES, convert, optimize, relative_error
-from ndcompile.dense import to_dense
+from ndcompile.backends.dense import to_dense
+from ndcompile.backends.dynamo import ndcompile_backend, register_backend
+from ndcompile.backends.onnx import export_onnx
+from ndcompile.backends.serialize import load, save
+from ndcompile.compress.adapters import adapter_state_dict, load_adapter_state_dict, merge_adapters
+from ndcompile.compress.distill import distill
 from ndcompile.errors import NdCompileError, UntraceableError
-from ndcompile.export import export_onnx
-from ndcompile.layers import NdLinear
-from ndcompile.network import OPTIMIZERS, NetworkPlan, TensorNetwork
-from ndcompile.plan import PlanChoice, plan_ndlinear
+from ndcompile.ir.network import OPTIMIZERS, NetworkPlan, TensorNetwork
+from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.pipeline.convert import MODES, convert, optimize, relative_error
+from ndcompile.planner.plan import PlanChoice, plan_ndlinear
 from ndcompile.report import ConversionReport, LayerReport
-from ndcompile.serialize import load, save
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "__version__",
     "adapter_state_dict",
     "convert",
+    "distill",
     "export_onnx",
     "load",
     "load_adapter_state_dict",

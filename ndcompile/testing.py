@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from ndcompile.program import ContractionProgram
+from ndcompile.ir.program import ContractionProgram
 
 __all__ = [
     "RandomNetwork",

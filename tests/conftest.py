@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from ndcompile.layers import NdLinear
+from ndcompile.layers.ndlinear import NdLinear
 
 
 @pytest.fixture(autouse=True, scope="session")

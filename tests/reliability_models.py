@@ -77,7 +77,7 @@ def dense_equivalent(model: nn.Module, converted: nn.Module) -> nn.Module:
     converted model must compute the same function as the original architecture with
     each converted layer's weight replaced by ``NdLinear.to_dense()``.
     """
-    from ndcompile.layers import NdLinear
+    from ndcompile.layers.ndlinear import NdLinear
 
     oracle = copy.deepcopy(model)
     for entry in converted.report.converted:  # type: ignore[union-attr]
@@ -318,7 +318,7 @@ def build_random_model(spec: Sequence[OpSpec]) -> nn.Sequential:
     - ``("reference", in_modes, out_modes, transform_outer)``: the reference package's
       ``ndlinear.NdLinear`` on all feature dims.
     """
-    from ndcompile.layers import NdLinear
+    from ndcompile.layers.ndlinear import NdLinear
 
     layers: list[nn.Module] = []
     for op, *args in spec:

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 import ndcompile
-from ndcompile.adapters import (
+from ndcompile.compress.adapters import (
     LORA_COMPARISON_RANKS,
     NdAdapterLinear,
     adapter_state_dict,

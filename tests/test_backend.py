@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ndcompile.backend import (
+from ndcompile.backends.dynamo import (
     OPTION_KEYS,
     ndcompile_backend,
     parse_options,
@@ -123,13 +123,13 @@ x = torch.randn(3, 8)
 if sys.argv[1] == "discovered":
     # torch has seen the entry point; importing ndcompile must not register a duplicate
     assert "ndcompile" in torch._dynamo.list_backends()
-    from ndcompile.backend import register_backend
+    from ndcompile.backends.dynamo import register_backend
     assert register_backend() is False
 assert sys.argv[1] == "discovered" or "ndcompile" not in sys.modules
 compiled = torch.compile(model, backend="ndcompile", options={"inductor": False})
 torch.testing.assert_close(compiled(x), model(x))
-assert "ndcompile.backend" in sys.modules
-from ndcompile.backend import register_backend
+assert "ndcompile.backends.dynamo" in sys.modules
+from ndcompile.backends.dynamo import register_backend
 assert register_backend() is False
 print("entry point ok")
 """

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ndcompile.checks import count_parameters, exact_tolerance, relative_error
 from ndcompile.errors import NdCompileError
+from ndcompile.pipeline.checks import count_parameters, exact_tolerance, relative_error
 
 
 def test_relative_error_over_nested_outputs() -> None:

@@ -21,10 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ndcompile
-from ndcompile.cli import EXIT_FAILED, EXIT_USAGE, format_error, main
-from ndcompile.cli_output import Progress, StagedOutputs
-from ndcompile.errors import NdCompileError
-from ndcompile.loading import (
+from ndcompile.cli.loading import (
     UsageError,
     build_model,
     load_calibration,
@@ -35,6 +32,9 @@ from ndcompile.loading import (
     parse_shape,
     parse_shapes_json,
 )
+from ndcompile.cli.main import EXIT_FAILED, EXIT_USAGE, format_error, main
+from ndcompile.cli.output import Progress, StagedOutputs
+from ndcompile.errors import NdCompileError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cli_models.py"
 TINY = f"{FIXTURE}:tiny_net"
@@ -49,7 +49,8 @@ class Pickled:
 
 def start_cli(*args: str, console_script: bool = False) -> subprocess.Popen:
     """Start the command in a fresh process (one thread), capturing its output."""
-    cmd = [str(CLI)] if console_script and CLI.exists() else [sys.executable, "-m", "ndcompile.cli"]
+    module = [sys.executable, "-m", "ndcompile.cli"]
+    cmd = [str(CLI)] if console_script and CLI.exists() else module
     return start([*cmd, *args])
 
 
@@ -360,7 +361,7 @@ def test_convert_text_output_and_calibration(
         kwargs.pop("calibration", None)
         return ndcompile.convert(model, example, **kwargs)
 
-    monkeypatch.setattr("ndcompile.cli_convert.convert", spy)
+    monkeypatch.setattr("ndcompile.cli.convert.convert", spy)
     args = ["--mode", "factorize", "--rank", "2", "--state-dict", str(files["st"]),
             "--calibration", str(files["calib"]),
             "--state-dict-out", str(tmp_path / "w.pt")]  # fmt: skip
@@ -420,7 +421,7 @@ def fake_export_module(monkeypatch: pytest.MonkeyPatch, fail: bool) -> list:
         return types.SimpleNamespace(max_abs_error=3e-8)
 
     monkeypatch.setitem(
-        sys.modules, "ndcompile.export", types.SimpleNamespace(export_onnx=export_onnx)
+        sys.modules, "ndcompile.backends.onnx", types.SimpleNamespace(export_onnx=export_onnx)
     )
     return calls
 
@@ -450,7 +451,7 @@ def test_onnx_output_is_delegated(
 def test_onnx_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setitem(sys.modules, "ndcompile.export", None)
+    monkeypatch.setitem(sys.modules, "ndcompile.backends.onnx", None)
     argv = [
         "convert",
         TINY,

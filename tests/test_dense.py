@@ -1,4 +1,4 @@
-"""Tests for ndcompile.dense.to_dense: converted models back to dense nn.Linear."""
+"""Tests for ndcompile.backends.dense.to_dense: converted models back to dense nn.Linear."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch.fx as fx
 from torch import nn
 
 import ndcompile
-from ndcompile.dense import find_contraction_sites, to_dense
+from ndcompile.backends.dense import find_contraction_sites, to_dense
 from ndcompile.errors import NdCompileError
-from ndcompile.frontend import trace
-from ndcompile.layers import NdLinear
+from ndcompile.frontend.trace import trace
+from ndcompile.layers.ndlinear import NdLinear
 
 from reliability_models import SmallUntraceable
 

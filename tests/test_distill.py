@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 import ndcompile
-from ndcompile.distill import LayerStats, distill
+from ndcompile.compress.distill import LayerStats, distill
 from ndcompile.errors import NdCompileError
-from ndcompile.layers import NdLinear
+from ndcompile.layers.ndlinear import NdLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,10 @@ import torch.fx as fx
 from torch import nn
 
 import ndcompile
-from ndcompile import export as export_mod
+from ndcompile.backends import onnx as export_mod
+from ndcompile.backends.onnx import ExportReport, export_onnx, run_onnxruntime, time_onnxruntime
 from ndcompile.errors import NdCompileError
-from ndcompile.export import ExportReport, export_onnx, run_onnxruntime, time_onnxruntime
-from ndcompile.layers import NdLinear
+from ndcompile.layers.ndlinear import NdLinear
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from ndcompile.errors import NdCompileError
-from ndcompile.factorize import (
+from ndcompile.compress.kronecker import (
     KroneckerFit,
     accumulate_gram,
     dense_params,
@@ -23,6 +22,7 @@ from ndcompile.factorize import (
     rearrange,
     unrearrange,
 )
+from ndcompile.errors import NdCompileError
 
 
 def random_factors(

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from ndcompile.errors import NdCompileError
-from ndcompile.frontend import propagate_shapes, trace
-from ndcompile.passes import LinearSite, find_linear_sites
-from ndcompile.passes.find_linear import order_like
+from ndcompile.frontend.sites import LinearSite, find_linear_sites, order_like
+from ndcompile.frontend.trace import propagate_shapes, trace
 
 
 def sites_of(model: nn.Module, *inputs: torch.Tensor, **kw) -> dict[str, LinearSite]:

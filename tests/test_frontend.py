@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 from ndcompile.errors import NdCompileError
-from ndcompile.frontend import (
+from ndcompile.frontend.trace import (
     as_tuple,
     is_reference_ndlinear,
     node_shape,
@@ -16,7 +16,7 @@ from ndcompile.frontend import (
     run_reference,
     trace,
 )
-from ndcompile.layers import NdLinear
+from ndcompile.layers.ndlinear import NdLinear
 
 
 class DataDependent(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 
 import ndcompile
 from ndcompile.errors import NdCompileError
-from ndcompile.frontend import trace
+from ndcompile.frontend.trace import trace
 from ndcompile.passes import (
     annotate_shapes,
     eliminate_transposes,
@@ -206,7 +206,7 @@ def test_eliminate_transposes_cancels_and_drops_contiguous() -> None:
     model = TransposeNoise()
     x = torch.randn(3, 4, 8)
     gm = trace(model)
-    ndcompile.frontend.propagate_shapes(gm, (x,))
+    ndcompile.frontend.trace.propagate_shapes(gm, (x,))
     result = eliminate_transposes(gm)
     assert result.modified
     targets = [str(n.target) for n in gm.graph.nodes]
@@ -226,7 +226,7 @@ class InplaceAfterContiguous(nn.Module):
 def test_contiguous_kept_before_inplace_op() -> None:
     gm = trace(InplaceAfterContiguous())
     x = torch.randn(3, 4)
-    ndcompile.frontend.propagate_shapes(gm, (x.clone(),))
+    ndcompile.frontend.trace.propagate_shapes(gm, (x.clone(),))
     eliminate_transposes(gm)
     assert "contiguous" in [str(n.target) for n in gm.graph.nodes]
     torch.testing.assert_close(gm(x.clone()), InplaceAfterContiguous()(x.clone()))

@@ -8,14 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ndcompile.errors import NdCompileError
-from ndcompile.factorize import (
-    kron_dense,
-    nearest_kronecker,
-    nearest_kronecker_calibrated,
-    output_rel_error,
-)
-from ndcompile.hybrid import (
+from ndcompile.compress.hybrid import (
     WhitenedMetric,
     budget_layer,
     choose_form,
@@ -23,7 +16,14 @@ from ndcompile.hybrid import (
     kron_als,
     top_svd,
 )
-from ndcompile.passes.find_linear import LinearSite
+from ndcompile.compress.kronecker import (
+    kron_dense,
+    nearest_kronecker,
+    nearest_kronecker_calibrated,
+    output_rel_error,
+)
+from ndcompile.errors import NdCompileError
+from ndcompile.frontend.sites import LinearSite
 from ndcompile.report import LayerReport
 
 

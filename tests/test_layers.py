@@ -1,4 +1,4 @@
-"""Tests for ndcompile.layers.NdLinear against its dense weight and the reference layer."""
+"""Tests for ndcompile.layers.ndlinear.NdLinear against its dense weight and the reference layer."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ndcompile.errors import NdCompileError
-from ndcompile.layers import NdLinear
-from ndcompile.network import NetworkPlan
+from ndcompile.ir.network import NetworkPlan
+from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.testing import assert_close_forward_backward
 
 SHAPES = {

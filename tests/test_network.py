@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from ndcompile.errors import NdCompileError
-from ndcompile.network import OPTIMIZERS, NetworkPlan, TensorNetwork, check_optimizer
+from ndcompile.ir.network import OPTIMIZERS, NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.testing import random_network
 
 

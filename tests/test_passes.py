@@ -10,12 +10,11 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ndcompile.frontend import propagate_shapes, trace
-from ndcompile.layers import NdLinear
+from ndcompile.frontend.sites import LinearSite, find_linear_sites
+from ndcompile.frontend.trace import propagate_shapes, trace
+from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.passes import (
-    LinearSite,
     dead_code_elimination,
-    find_linear_sites,
     inline_ndlinear,
     rewrite_ndlinear,
     set_submodule,

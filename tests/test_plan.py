@@ -8,13 +8,13 @@ import random
 import pytest
 import torch
 
-import ndcompile.plan as plan_mod
+import ndcompile.planner.plan as plan_mod
 from ndcompile.errors import NdCompileError
-from ndcompile.layers import NdLinear
-from ndcompile.machine import MachineModel, machine_model
-from ndcompile.network import TensorNetwork
-from ndcompile.plan import estimate_us, groupings, plan_ndlinear
-from ndcompile.program import ContractionProgram, Instruction
+from ndcompile.ir.network import TensorNetwork
+from ndcompile.ir.program import ContractionProgram, Instruction
+from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.planner.machine import MachineModel, machine_model
+from ndcompile.planner.plan import estimate_us, groupings, plan_ndlinear
 
 MACHINE = MachineModel(matmul_gflops=100.0, bandwidth_gbs=10.0, op_overhead_us=5.0)
 
@@ -138,13 +138,13 @@ def test_machine_override_and_bad_override(monkeypatch) -> None:  # type: ignore
 def test_machine_model_is_cached_on_disk(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.delenv("NDCOMPILE_MACHINE", raising=False)
     measured = MachineModel(50.0, 5.0, 2.0, "cpu")
-    monkeypatch.setattr("ndcompile.machine.measure", lambda device="cpu": measured)
-    monkeypatch.setattr("ndcompile.machine._MEMO", {})
+    monkeypatch.setattr("ndcompile.planner.machine.measure", lambda device="cpu": measured)
+    monkeypatch.setattr("ndcompile.planner.machine._MEMO", {})
     assert machine_model() == measured
     assert list(tmp_path.glob("machine-*.json"))
-    monkeypatch.setattr("ndcompile.machine._MEMO", {})
+    monkeypatch.setattr("ndcompile.planner.machine._MEMO", {})
     monkeypatch.setattr(
-        "ndcompile.machine.measure", lambda device="cpu": pytest.fail("re-measured")
+        "ndcompile.planner.machine.measure", lambda device="cpu": pytest.fail("re-measured")
     )
     assert machine_model() == measured
 

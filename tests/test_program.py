@@ -6,8 +6,8 @@ import opt_einsum
 import pytest
 import torch
 
-from ndcompile.network import TensorNetwork
-from ndcompile.program import DYNAMIC, ContractionProgram, Instruction, compile_path
+from ndcompile.ir.network import TensorNetwork
+from ndcompile.ir.program import DYNAMIC, ContractionProgram, Instruction, compile_path
 from ndcompile.testing import activation_permutes, random_network
 
 OPTIMIZERS = ("optimal", "dp", "greedy")

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ndcompile
+from ndcompile.backends.serialize import FORMAT_VERSION, METADATA_KEY, load, read_metadata, save
 from ndcompile.errors import NdCompileError
-from ndcompile.layers import NdLinear
-from ndcompile.serialize import FORMAT_VERSION, METADATA_KEY, load, read_metadata, save
+from ndcompile.layers.ndlinear import NdLinear
 
 from reliability_models import SmallUntraceable
 

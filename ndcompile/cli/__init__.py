@@ -1,0 +1,3 @@
+"""The ``ndcompile`` command line (``convert``, ``inspect``, ``bench``)."""
+
+__all__: list[str] = []

@@ -1,0 +1,195 @@
+"""Factorized NdLinear layers for ``convert(mode="factorize")``, with measured errors.
+
+For each Linear site this module fits the nearest rank-R Kronecker sum (plain, or
+activation-aware when calibration data is given), builds the NdLinear, and fills
+the layer's report entry with the weight error, the output error on real
+activations and, for comparison, the output error of a plain low-rank (SVD)
+layer with the same number of parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ndcompile.compress.kronecker import (
+    KroneckerFit,
+    accumulate_gram,
+    kron_dense,
+    kronecker_params,
+    nearest_kronecker,
+    nearest_kronecker_calibrated,
+    output_rel_error,
+    rank_for_tolerance,
+)
+from ndcompile.errors import NdCompileError
+from ndcompile.frontend.sites import LinearSite
+from ndcompile.frontend.trace import as_tuple
+from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.report import LayerReport
+
+__all__ = ["capture_grams", "capture_inputs", "factorized_layer", "lowrank_output_error"]
+
+
+def capture_inputs(gm: fx.GraphModule, names: Iterable[str], inputs: tuple) -> dict[str, Tensor]:
+    """First input each named module sees when ``gm`` runs on ``inputs``."""
+    captured: dict[str, Tensor] = {}
+
+    def make_hook(name: str):  # type: ignore[no-untyped-def]
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            captured.setdefault(name, args[0].detach())
+
+        return hook
+
+    handles = [gm.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def capture_grams(
+    gm: fx.GraphModule, names: Sequence[str], calibration: Iterable[Any]
+) -> dict[str, Tensor]:
+    """Input Gram matrices ``XᵀX`` (float64) of the named Linears over calibration batches.
+
+    Memory is ``O(in_features²)`` per layer whatever the number of rows.
+    """
+    grams: dict[str, Tensor] = {}
+
+    def make_hook(name: str, in_features: int):  # type: ignore[no-untyped-def]
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            gram, _ = accumulate_gram([args[0].detach()], in_features)
+            grams[name] = gram if name not in grams else grams[name] + gram
+
+        return hook
+
+    handles = []
+    for name in names:
+        mod = gm.get_submodule(name)
+        handles.append(mod.register_forward_pre_hook(make_hook(name, mod.in_features)))
+    try:
+        with torch.no_grad():
+            batches = 0
+            for batch in calibration:
+                gm(*as_tuple(batch))
+                batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if batches == 0:
+        raise NdCompileError("calibration= yielded no batches", hint="pass a non-empty iterable")
+    return grams
+
+
+def lowrank_output_error(
+    weight: Tensor, x: Tensor | None, gram: Tensor | None, params: int
+) -> float | None:
+    """Output error of the best low-rank (SVD) weight with at most ``params`` parameters."""
+    out_f, in_f = weight.shape
+    k = params // (in_f + out_f)
+    if k < 1:
+        return None
+    w = weight.detach().double()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    w_hat = (u[:, :k] * s[:k]) @ vh[:k]
+    if gram is not None:
+        return output_rel_error(w, w_hat, gram)
+    if x is None:
+        return None
+    xf = x.reshape(-1, in_f).double()
+    ref = xf @ w.T
+    return float((ref - xf @ w_hat.T).norm() / ref.norm().clamp_min(1e-300))
+
+
+def _fit(
+    site: LinearSite, rank: int | None, tol: float | None, max_rank: int, gram: Tensor | None
+) -> KroneckerFit:
+    w = site.module.weight.detach()
+    assert site.in_shape is not None and site.out_shape is not None
+    if rank is None:
+        if tol is None:
+            raise NdCompileError("factorize needs rank=R or tol=t", layer=site.name)
+        fit = rank_for_tolerance(
+            w, site.in_shape, site.out_shape, tol, max_rank=max_rank, layer=site.name
+        )
+        rank = fit.rank
+        if gram is None:
+            return fit
+    if gram is not None:
+        return nearest_kronecker_calibrated(
+            w, site.in_shape, site.out_shape, rank, gram, layer=site.name
+        )
+    return nearest_kronecker(w, site.in_shape, site.out_shape, rank, layer=site.name)
+
+
+def factorized_layer(
+    site: LinearSite,
+    entry: LayerReport,
+    *,
+    rank: int | None,
+    tol: float | None,
+    max_rank: int,
+    optimizer: str,
+    x: Tensor | None = None,
+    gram: Tensor | None = None,
+) -> NdLinear:
+    """Fit site ``site``'s weight and return the NdLinear, filling ``entry``.
+
+    Args:
+        site: A convertible Linear site.
+        entry: Its report entry (errors and method are written here).
+        rank: Kronecker rank, or None to pick it from ``tol``.
+        tol: Relative weight error target when ``rank`` is None.
+        max_rank: Upper bound of the tolerance search.
+        optimizer: Planner optimizer of the new layer.
+        x: The layer's input on the example (for the output error).
+        gram: Input Gram matrix from calibration data (activation-aware fit).
+
+    Returns:
+        The fitted layer (bias copied exactly).
+    """
+    fit = _fit(site, rank, tol, max_rank, gram)
+    w = site.module.weight
+    assert site.in_shape is not None and site.out_shape is not None
+    layer = NdLinear(
+        site.in_shape,
+        site.out_shape,
+        rank=fit.rank,
+        bias=site.module.bias is not None,
+        optimizer=optimizer,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        for f, src in zip(layer.factors, fit.factors, strict=True):
+            f.copy_(src)
+        if layer.bias is not None:
+            layer.bias.copy_(site.module.bias)
+    entry.weight_rel_error = float(fit.rel_error)
+    entry.extra["method"] = fit.method
+    if fit.spectrum is not None:
+        entry.extra["spectrum"] = [round(float(s), 6) for s in fit.spectrum[:32]]
+    if fit.tol_met is not None:
+        entry.extra["tol_met"] = bool(fit.tol_met)
+    w_hat = kron_dense([f.detach() for f in layer.factors])
+    if gram is not None:
+        entry.output_rel_error = output_rel_error(w.detach(), w_hat, gram)
+        entry.extra["output_error_source"] = "calibration"
+    elif x is not None:
+        xf = x.reshape(-1, w.shape[1]).double()
+        ref = xf @ w.detach().double().T
+        entry.output_rel_error = float(
+            (ref - xf @ w_hat.double().T).norm() / ref.norm().clamp_min(1e-300)
+        )
+        entry.extra["output_error_source"] = "example"
+    params = kronecker_params(site.in_shape, site.out_shape, fit.rank)
+    entry.extra["lowrank_output_error_equal_params"] = lowrank_output_error(w, x, gram, params)
+    return layer

@@ -1,0 +1,271 @@
+"""Find ``nn.Linear`` call sites and the N-D mode structure of their inputs.
+
+A Linear acts on ``(*, n)``; its leading dims are batch dims and are never mixed.
+The modes ``(d1..dN)`` of the feature dim come from, in order of preference:
+
+1. a user override ``shapes={"fc1": ((32, 32), (16, 16))}``;
+2. dims merged by a ``flatten``/``view``/``reshape``/``nn.Flatten`` feeding the
+   Linear: ``(B, H, W, C) -> (B, H*W*C)`` gives modes ``(H, W, C)``;
+3. a balanced factorisation of ``n`` into ``n_modes`` factors (768 -> (24, 32)).
+
+Output modes are a balanced factorisation of ``out_features`` into as many modes,
+ordered like the input modes. Sites that cannot be split are kept with a reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ndcompile.compress.kronecker import plan_mode_shapes
+from ndcompile.errors import NdCompileError
+from ndcompile.frontend.trace import node_shape
+
+__all__ = ["LinearSite", "ShapeOverrides", "find_linear_sites", "order_like"]
+
+ShapeOverrides = Mapping[str, tuple[Sequence[int], Sequence[int]]]
+
+_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+
+
+@dataclass
+class LinearSite:
+    """One ``nn.Linear`` module and where the graph calls it.
+
+    Attributes:
+        name: Qualified module name.
+        module: The Linear.
+        nodes: The ``call_module`` nodes calling it (more than one if reused).
+        in_shape: Input modes, or None if skipped.
+        out_shape: Output modes, or None if skipped.
+        source: Where the modes came from: ``"override"``, ``"graph"``, ``"factored"``.
+        rows: Rows (product of leading dims) per call in the example input.
+        skip_reason: Why the site is not converted, or None.
+    """
+
+    name: str
+    module: nn.Linear
+    nodes: list[fx.Node] = field(default_factory=list)
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+    source: str = ""
+    rows: int = 1
+    skip_reason: str | None = None
+
+    @property
+    def convertible(self) -> bool:
+        """True when the site has modes and no skip reason."""
+        return self.skip_reason is None and self.in_shape is not None
+
+
+def order_like(values: Sequence[int], reference: Sequence[int]) -> tuple[int, ...]:
+    """Permute ``values`` so their rank order follows ``reference``'s.
+
+    ``order_like((12, 16, 16), (32, 32, 3)) == (16, 16, 12)``: the largest value goes
+    where the reference is largest.
+    """
+    ranks = sorted(range(len(reference)), key=lambda k: (reference[k], k))
+    out = [0] * len(values)
+    for value, pos in zip(sorted(values), ranks, strict=True):
+        out[pos] = value
+    return tuple(out)
+
+
+def _graph_modes(node: fx.Node, n: int) -> tuple[int, ...] | None:
+    """Modes merged by a reshape-family op producing ``node``, if any."""
+    is_reshape = (
+        (node.op == "call_method" and node.target in _RESHAPE_METHODS)
+        or (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
+        or (
+            node.op == "call_module"
+            and isinstance(node.graph.owning_module.get_submodule(node.target), nn.Flatten)
+        )
+    )
+    if not is_reshape or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src, out = node_shape(node.args[0]), node_shape(node)
+    if src is None or out is None or not out or out[-1] != n:
+        return None
+    lead = out[:-1]
+    if tuple(src[: len(lead)]) != tuple(lead):
+        return None
+    modes = tuple(d for d in src[len(lead) :] if d != 1)
+    if math.prod(modes) != n or len(modes) < 2:
+        return None
+    return modes
+
+
+def _tied_parameters(root: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> every qualified name it appears under."""
+    names: dict[int, list[str]] = {}
+    for mod_name, mod in root.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False):
+            names.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return names
+
+
+def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, pat) for pat in exclude))
+
+
+def _check_override(name: str, module: nn.Linear, spec: object) -> tuple[tuple, tuple]:
+    try:
+        in_shape, out_shape = (tuple(int(v) for v in part) for part in spec)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as exc:
+        raise NdCompileError(
+            f"shapes override {spec!r} is not a pair (in_modes, out_modes)", layer=name
+        ) from exc
+    if math.prod(in_shape) != module.in_features or math.prod(out_shape) != module.out_features:
+        raise NdCompileError(
+            f"shapes override {in_shape} -> {out_shape} does not match Linear("
+            f"{module.in_features}, {module.out_features})",
+            layer=name,
+            hint="the products of the modes must equal in_features and out_features",
+        )
+    if len(in_shape) != len(out_shape):
+        raise NdCompileError(
+            f"shapes override {in_shape} -> {out_shape} has different numbers of modes",
+            layer=name,
+        )
+    return in_shape, out_shape
+
+
+def find_linear_sites(
+    gm: fx.GraphModule,
+    *,
+    shapes: ShapeOverrides | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    n_modes: int = 2,
+    min_features: int = 16,
+    name_prefix: str = "",
+) -> list[LinearSite]:
+    """List every ``nn.Linear`` in ``gm`` with its planned modes or a skip reason.
+
+    ``gm`` must have been shape-propagated. Linears that exist in the module tree
+    but are not called by the graph (e.g. inside an opaque leaf module) are listed
+    too, with the reason.
+
+    Args:
+        gm: A traced, shape-propagated graph module.
+        shapes: Per-layer ``(in_modes, out_modes)`` overrides by qualified name.
+        include: Glob patterns of layer names to convert (default: all).
+        exclude: Glob patterns of layer names to leave alone.
+        n_modes: Modes to split a feature size into when the graph gives none.
+        min_features: Layers with fewer input or output features are skipped.
+        name_prefix: Prefix of ``gm`` inside a larger model (for partial conversion):
+            ``include``/``exclude``/``shapes`` match ``name_prefix + name``.
+
+    Returns:
+        Sites in graph order, followed by uncalled Linears.
+    """
+    linears = {name_prefix + n for n, m in gm.named_modules() if isinstance(m, nn.Linear)}
+    shapes = {
+        k[len(name_prefix) :]: v
+        for k, v in (shapes or {}).items()
+        if k in linears or not name_prefix
+    }
+    unknown = sorted(set(shapes) - {n[len(name_prefix) :] for n in linears})
+    if unknown:
+        raise NdCompileError(
+            f"shapes overrides name layers that are not nn.Linear in the model: {unknown}"
+        )
+    tied = _tied_parameters(gm)
+    sites: dict[str, LinearSite] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.Linear):
+            continue
+        site = sites.get(node.target)
+        if site is None:
+            site = sites[node.target] = LinearSite(node.target, module)
+        site.nodes.append(node)
+        x = node.args[0]
+        shape = node_shape(x) if isinstance(x, fx.Node) else None
+        if shape is None:
+            site.skip_reason = "input shape unknown (shape propagation gave no metadata)"
+            continue
+        site.rows = math.prod(shape[:-1])
+        if site.in_shape is not None or site.skip_reason is not None:
+            continue
+        if type(module) is not nn.Linear:
+            site.skip_reason = (
+                f"{type(module).__name__} subclasses nn.Linear; its forward may differ"
+            )
+            continue
+        _plan_site(site, x, shapes, include, exclude, n_modes, min_features, tied, name_prefix)
+
+    called = set(sites)
+    for name, module in gm.named_modules():
+        if isinstance(module, nn.Linear) and name not in called:
+            parent = name.rpartition(".")[0] or "<root>"
+            sites[name] = LinearSite(
+                name,
+                module,
+                skip_reason=f"not called directly by the traced graph "
+                f"(used inside {parent!r}, which is traced as a leaf)",
+            )
+    return list(sites.values())
+
+
+def _plan_site(
+    site: LinearSite,
+    x: fx.Node,
+    shapes: dict,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    n_modes: int,
+    min_features: int,
+    tied: dict[int, list[str]],
+    name_prefix: str = "",
+) -> None:
+    """Fill ``site``'s modes, or its skip reason."""
+    m = site.module
+    if not _selected(name_prefix + site.name, include, exclude):
+        site.skip_reason = "not selected by include/exclude"
+        return
+    names = tied.get(id(m.weight), [])
+    if len(names) > 1:
+        others = [n for n in names if not n.startswith(f"{site.name}.")]
+        site.skip_reason = f"weight is tied to {others}; converting would untie it"
+        return
+    if site.name in shapes:
+        site.in_shape, site.out_shape = _check_override(site.name, m, shapes[site.name])
+        site.source = "override"
+        return
+    if min(m.in_features, m.out_features) < min_features:
+        site.skip_reason = (
+            f"too small to factorize (Linear({m.in_features}, {m.out_features}), "
+            f"min_features={min_features})"
+        )
+        return
+    modes = _graph_modes(x, m.in_features)
+    site.source = "graph"
+    if modes is None:
+        modes = plan_mode_shapes(m.in_features, n_modes)
+        site.source = "factored"
+    if modes is None:
+        site.skip_reason = (
+            f"in_features={m.in_features} cannot be split into {n_modes} modes >= 2 "
+            "(prime or too small)"
+        )
+        return
+    out = plan_mode_shapes(m.out_features, len(modes))
+    if out is None:
+        site.skip_reason = (
+            f"out_features={m.out_features} cannot be split into {len(modes)} modes >= 2 "
+            f"to match input modes {modes}; pass shapes={{{site.name!r}: (in, out)}}"
+        )
+        return
+    site.in_shape, site.out_shape = modes, order_like(out, modes)

@@ -1,0 +1,3 @@
+"""Pipeline: ``convert``/``optimize`` orchestration and output verification."""
+
+__all__: list[str] = []
