@@ -15,25 +15,18 @@ cache file. ``NDCOMPILE_CACHE_DIR`` moves the cache (default
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
 from ndcompile.errors import NdCompileError
+from ndcompile.planner.cache import JsonCache, cache_dir
 
-__all__ = ["MachineModel", "cache_dir", "machine_model"]
-
-
-def cache_dir() -> Path:
-    """The directory holding ndcompile's caches (created on demand)."""
-    env = os.environ.get("NDCOMPILE_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ndcompile"
+__all__ = ["MachineModel", "cache_dir", "machine_cache", "machine_model", "measure"]
 
 
 @dataclass(frozen=True)
@@ -105,47 +98,74 @@ def measure(device: str = "cpu") -> MachineModel:
 
 _MEMO: dict[str, MachineModel] = {}
 
+_FIELDS = ("matmul_gflops", "bandwidth_gbs", "op_overhead_us")
+
+
+def _positive_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _valid_field(name: str, value: Any) -> bool:
+    """Whether ``name: value`` may appear in a machine cache file."""
+    if name == "device":
+        return isinstance(value, str) and bool(value)
+    return name in _FIELDS and _positive_number(value)
+
+
+def machine_cache(device: str = "cpu") -> JsonCache:
+    """The cache file of ``device`` at the current thread count and torch version."""
+    key = f"{torch.device(device).type}-t{torch.get_num_threads()}-torch{torch.__version__}"
+    return JsonCache(cache_dir() / f"machine-{key}.json", validate=_valid_field)
+
+
+def _from_override(env: str, device: str) -> MachineModel:
+    try:
+        data = json.loads(env)
+        values = [data[name] for name in _FIELDS]
+        if not all(_positive_number(v) for v in values):
+            raise ValueError("not positive numbers")
+        return MachineModel(*(float(v) for v in values), str(data.get("device", device)))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NdCompileError(
+            f"NDCOMPILE_MACHINE={env!r} is not a JSON object with matmul_gflops, "
+            "bandwidth_gbs and op_overhead_us (positive numbers)",
+        ) from exc
+
 
 def machine_model(device: str = "cpu", *, refresh: bool = False) -> MachineModel:
     """The cost-model constants for ``device``: override, cache, or a fresh measurement.
 
+    A cache file that is corrupt or holds values the cost model cannot use (missing,
+    zero, negative, not numbers) is ignored with a
+    :class:`~ndcompile.planner.cache.CacheWarning` naming it, and rewritten with a
+    fresh measurement.
+
     Raises:
         NdCompileError: If ``NDCOMPILE_MACHINE`` is set but is not valid JSON with the
-            three fields.
+            three fields as positive numbers.
     """
     env = os.environ.get("NDCOMPILE_MACHINE")
     if env:
-        try:
-            data = json.loads(env)
-            return MachineModel(
-                float(data["matmul_gflops"]),
-                float(data["bandwidth_gbs"]),
-                float(data["op_overhead_us"]),
-                str(data.get("device", device)),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise NdCompileError(
-                f"NDCOMPILE_MACHINE={env!r} is not a JSON object with matmul_gflops, "
-                "bandwidth_gbs and op_overhead_us",
-            ) from exc
-    key = f"{torch.device(device).type}-t{torch.get_num_threads()}-torch{torch.__version__}"
+        return _from_override(env, device)
+    cache = machine_cache(device)
+    key = cache.path.name
     if key in _MEMO and not refresh:
         return _MEMO[key]
-    path = cache_dir() / f"machine-{key}.json"
-    if path.exists() and not refresh:
-        try:
-            model = MachineModel(**json.loads(path.read_text()))
+    if not refresh:
+        data = cache.load()
+        missing = [name for name in (*_FIELDS, "device") if name not in data]
+        if not missing:
+            model = MachineModel(*(float(data[name]) for name in _FIELDS), data["device"])
             _MEMO[key] = model
             return model
-        except (ValueError, TypeError):
-            pass  # a corrupt cache is re-measured below
+        if data:
+            cache.warn("lacks " + ", ".join(missing))
     model = measure(device)
     _MEMO[key] = model
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(model)))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache dir only costs a re-measurement next time
+    cache.update(asdict(model))  # a read-only cache only costs a re-measurement next time
     return model
