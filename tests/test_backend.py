@@ -153,6 +153,42 @@ def test_entry_point_in_fresh_process() -> None:
         assert "entry point ok" in out
 
 
+_COLD_CACHE_SCRIPT = """
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+torch.manual_seed(0)
+config = GPT2Config(n_layer=1, n_embd=128, n_head=2, n_positions=32, vocab_size=512)
+model = GPT2LMHeadModel(config).eval()
+reports = []
+options = {"factorize": {"rank": 4}, "report": reports.append}
+compiled = torch.compile(model, backend="ndcompile", options=options)
+eager = torch.compile(model, backend="ndcompile", options={**options, "inductor": False})
+with torch.no_grad():
+    for shape in ((2, 16), (2, 24)):
+        ids = torch.randint(0, 512, shape)
+        out = compiled(input_ids=ids, use_cache=False).logits
+        ref = eager(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+assert any(e.status == "converted" for r in reports for e in r.layers)
+print("cold cache ok")
+"""
+
+
+def test_factorize_gpt2_with_cold_inductor_cache(tmp_path: Path) -> None:
+    """Factor constants get static shapes, so dynamo can build guards on a cache miss."""
+    pytest.importorskip("transformers")
+    run = subprocess.run(
+        [sys.executable, "-c", _COLD_CACHE_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "cold cache ok" in run.stdout
+
+
 # ------------------------------------------------------------------ the rewrites
 def test_ndlinear_rewrite_removes_transposes() -> None:
     torch.manual_seed(0)

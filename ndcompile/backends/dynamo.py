@@ -50,6 +50,7 @@ __all__ = [
     "parse_options",
     "register_backend",
     "rewrite_dynamo_graph",
+    "static_example_inputs",
 ]
 
 #: The name passed as ``torch.compile(..., backend=BACKEND_NAME)``.
@@ -208,6 +209,29 @@ def _with_constants(compiled: Callable[..., Any], constants: list[Tensor]) -> Ca
     return run
 
 
+def static_example_inputs(constants: Sequence[Tensor]) -> list[Tensor]:
+    """Example values of the constant inputs for ``compile_fx``, with static shapes.
+
+    AOT autograd fakifies every real example input that dynamo did not fakify itself
+    with *symbolic* sizes attached to placeholder sources unknown to dynamo. Once the
+    traced code guards on such a size (a reshape of a factor does), dynamo's guard
+    builder finds no source for the symbol and fails. Fakes made with static shapes
+    in the tracing context's FakeTensorMode are taken as they are, so the constants'
+    shapes stay plain ints. Outside a dynamo compile the real tensors are returned.
+
+    Args:
+        constants: The constant tensors appended to the graph's inputs.
+
+    Returns:
+        One example value per constant.
+    """
+    context = torch._guards.TracingContext.try_get()
+    fake_mode = getattr(context, "fake_mode", None)
+    if fake_mode is None or fake_mode.shape_env is None:
+        return list(constants)
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in constants]
+
+
 def _publish(report: ConversionReport, sink: bool | ReportSink) -> None:
     logger.debug("%s", report)
     if sink is True:
@@ -253,7 +277,8 @@ def ndcompile_backend(
         patches = dict(list_mode_options(mode)) if mode else {}
         if isinstance(opts.inductor, Mapping):
             patches.update(opts.inductor)
-        compiled = compile_fx(work, [*example_inputs, *constants], config_patches=patches or None)
+        inputs = [*example_inputs, *static_example_inputs(constants)]
+        compiled = compile_fx(work, inputs, config_patches=patches or None)
     return _with_constants(compiled, constants) if constants else compiled
 
 
