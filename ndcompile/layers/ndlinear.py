@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ndcompile.errors import NdCompileError
+from ndcompile.ir.autodiff import run_recomputed
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.planner.plan import PlanChoice, plan_ndlinear
 
@@ -81,6 +82,7 @@ def apply_ndlinear(
     flat_input: bool,
     lead: Any = None,
     lowrank: tuple[Any, Any] | None = None,
+    recompute: bool = False,
 ) -> Any:
     """The NdLinear computation on tensors or FX proxies.
 
@@ -97,13 +99,16 @@ def apply_ndlinear(
             tensor with the same leading dims (so the graph does not query ``x``);
             default ``x``'s own.
         lowrank: ``(U, V)`` of a low-rank residual ``U @ V`` added to the weight.
+        recompute: Save only the contraction's inputs for backward and recompute
+            its intermediates there (:mod:`ndcompile.ir.autodiff`); tensors only.
 
     Returns:
         ``(*, prod h)`` if ``flat_input`` else ``(*, h1..hN)``; leading dims as ``x``'s.
     """
     if lead is None:
         lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
-    y = plan.program.run(x.reshape((-1, *in_shape)), *factors)
+    operands = (x.reshape((-1, *in_shape)), *factors)
+    y = run_recomputed(plan.program, *operands) if recompute else plan.program.run(*operands)
     if lowrank is not None:
         u, v = lowrank
         flat = x.reshape((-1, math.prod(in_shape)))
@@ -134,6 +139,10 @@ class NdLinear(nn.Module):
             fastest (cached on disk per shape/dtype/device).
         flat: Take and return flattened modes, ``(*, prod d) -> (*, prod h)``, the
             ``nn.Linear`` convention (a drop-in replacement for a Linear).
+        recompute: In training, save only the input and the factors for backward and
+            recompute the contraction's intermediates there, so the layer keeps no
+            more activation memory than the dense layer (one extra pass of the
+            cheap leading steps per backward). False saves every intermediate.
         device: Parameter device.
         dtype: Parameter dtype.
 
@@ -160,11 +169,13 @@ class NdLinear(nn.Module):
         planner: str = "cost",
         autotune: bool = False,
         flat: bool = False,
+        recompute: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.flat = bool(flat)
+        self.recompute = bool(recompute)
         in_shape, out_shape = tuple(int(d) for d in in_shape), tuple(int(h) for h in out_shape)
         if len(in_shape) != len(out_shape) or not in_shape or min(in_shape + out_shape) < 1:
             raise NdCompileError(
@@ -335,6 +346,7 @@ class NdLinear(nn.Module):
                 self.out_shape,
                 flat_input=True,
                 lowrank=self.lowrank_operands(),
+                recompute=self.recompute,
             )
         n = len(self.in_shape)
         if x.dim() < n or tuple(x.shape[-n:]) != self.in_shape:
@@ -352,6 +364,7 @@ class NdLinear(nn.Module):
             self.out_shape,
             flat_input=False,
             lowrank=self.lowrank_operands(),
+            recompute=self.recompute,
         )
 
     # ------------------------------------------------------------ conversions
@@ -367,6 +380,16 @@ class NdLinear(nn.Module):
         if self.lowrank_u is not None and self.lowrank_v is not None:
             weight = weight + self.lowrank_u @ self.lowrank_v
         return weight
+
+    @property
+    def weight(self) -> Tensor:
+        """The equivalent dense weight ``(prod h, prod d)``, computed (not a parameter).
+
+        Code written for ``nn.Linear`` reads ``layer.weight.dtype``/``.device`` (e.g.
+        transformers' T5); this keeps it working. Building it costs a dense weight's
+        memory, so the forward pass never does.
+        """
+        return self.dense_weight()
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` computing the same function on flattened inputs."""

@@ -1,0 +1,208 @@
+"""Reverse mode over a :class:`~ndcompile.ir.program.ContractionProgram`, recomputing intermediates.
+
+Autograd saves both operands of every matmul of a program, so a two-mode NdLinear
+keeps its input *and* an intermediate as large as (or, for a rank-R sum, R times)
+the activation until the backward pass: more activation memory than the dense
+layer, which saves only its input. :func:`program_vjp` needs only the program's
+inputs: it recomputes the intermediates that a gradient needs (never the result,
+and nothing for operands without a gradient), then walks the instructions in
+reverse. :class:`RecomputedContraction` wraps it as an autograd function, so
+training saves the input and the factors only.
+
+Backward of each instruction (``g`` is the gradient of its output):
+
+* ``reshape``: ``g.reshape(src shape)``; ``permute``: the inverse permutation;
+* ``sum(dims)``: ``g`` unsqueezed at ``dims`` and expanded;
+* ``matmul(a, b)``: ``g @ bᵀ`` and ``aᵀ @ g``, summed over broadcast dims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ndcompile.ir.program import ContractionProgram, Instruction
+
+__all__ = ["RecomputedContraction", "program_vjp", "register_shapes", "run_recomputed"]
+
+Shape = tuple[Any, ...]
+
+
+def _product(values: Sequence[Any]) -> Any:
+    # A plain loop: dynamo traces the backward and rejects generators here.
+    out: Any = 1
+    for v in values:
+        out = out * v
+    return out
+
+
+def _reshaped(src: Shape, target: Sequence[int]) -> Shape:
+    if -1 not in target:
+        return tuple(target)
+    known = _product([s for s in target if s != -1])
+    total = _product(src)
+    return tuple([total // known if s == -1 else s for s in target])
+
+
+def _broadcast(a: Shape, b: Shape) -> Shape:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return tuple(y if isinstance(x, int) and x == 1 else x for x, y in zip(a, b, strict=True))
+
+
+def _out_shape(ins: Instruction, shapes: dict[int, Shape]) -> Shape:
+    src = shapes[ins.srcs[0]]
+    if ins.op == "reshape":
+        return _reshaped(src, ins.arg)
+    if ins.op == "permute":
+        return tuple(src[p] for p in ins.arg)
+    if ins.op == "sum":
+        return tuple(s for d, s in enumerate(src) if d not in ins.arg)
+    if ins.op == "matmul":
+        other = shapes[ins.srcs[1]]
+        if ins.arg == (2, 3):
+            return (other[0], src[0], other[2])
+        return (*_broadcast(src[:-2], other[:-2]), src[-2], other[-1])
+    raise AssertionError(ins.op)  # pragma: no cover - instructions come from program.py
+
+
+def register_shapes(program: ContractionProgram, input_shapes: Sequence[Shape]) -> dict[int, Shape]:
+    """The shape of every register, propagated from the input shapes (no tensors made).
+
+    Args:
+        program: The program.
+        input_shapes: One shape per input register (ints or SymInts).
+
+    Returns:
+        Shape by register number.
+    """
+    shapes: dict[int, Shape] = {k: tuple(s) for k, s in enumerate(input_shapes)}
+    for ins in program.instructions:
+        shapes[ins.out] = _out_shape(ins, shapes)
+    return shapes
+
+
+def _execute(ins: Instruction, regs: dict[int, Tensor]) -> Tensor:
+    src = regs[ins.srcs[0]]
+    if ins.op == "reshape":
+        return src.reshape(ins.arg)
+    if ins.op == "permute":
+        return src.permute(ins.arg)
+    if ins.op == "sum":
+        return src.sum(ins.arg)
+    other = regs[ins.srcs[1]]
+    if ins.arg == (2, 3):
+        return torch.bmm(src.expand(other.shape[0], -1, -1), other)
+    return torch.matmul(src, other)
+
+
+def _needed_values(program: ContractionProgram, grad_regs: set[int]) -> set[int]:
+    """Registers whose values the backward pass reads (matmul operands), with their sources."""
+    needed: set[int] = set()
+    for ins in program.instructions:
+        if ins.op == "matmul":
+            a, b = ins.srcs
+            if a in grad_regs:
+                needed.add(b)
+            if b in grad_regs:
+                needed.add(a)
+    for ins in reversed(program.instructions):
+        if ins.out in needed:
+            needed.update(ins.srcs)
+    return needed
+
+
+def _accumulate(grads: dict[int, Tensor], reg: int, value: Tensor) -> None:
+    grads[reg] = grads[reg] + value if reg in grads else value
+
+
+def program_vjp(
+    program: ContractionProgram,
+    operands: Sequence[Tensor],
+    grad_output: Tensor,
+    needs_grad: Sequence[bool],
+) -> list[Tensor | None]:
+    """Gradients of ``program.run(*operands)`` given the gradient of its result.
+
+    Args:
+        program: The program that was run.
+        operands: Its inputs, as in the forward call.
+        grad_output: Gradient of the result.
+        needs_grad: Per operand, whether its gradient is wanted.
+
+    Returns:
+        One gradient per operand (None where not wanted).
+    """
+    grad_regs = {k for k, wanted in enumerate(needs_grad) if wanted}
+    for ins in program.instructions:
+        if grad_regs.intersection(ins.srcs):
+            grad_regs.add(ins.out)
+    shapes = register_shapes(program, [t.shape for t in operands])
+    needed = _needed_values(program, grad_regs)
+    regs: dict[int, Tensor] = dict(enumerate(operands))
+    for ins in program.instructions:
+        if ins.out in needed:
+            regs[ins.out] = _execute(ins, regs)
+    grads: dict[int, Tensor] = {program.result: grad_output}
+    for ins in reversed(program.instructions):
+        g = grads.pop(ins.out, None)
+        if g is None:
+            continue
+        src = ins.srcs[0]
+        if ins.op == "reshape":
+            _accumulate(grads, src, g.reshape(shapes[src]))
+        elif ins.op == "permute":
+            inverse = [0] * len(ins.arg)
+            for pos, dim in enumerate(ins.arg):
+                inverse[dim] = pos
+            _accumulate(grads, src, g.permute(inverse))
+        elif ins.op == "sum":
+            for dim in sorted(ins.arg):
+                g = g.unsqueeze(dim)
+            _accumulate(grads, src, g.expand(shapes[src]))
+        else:
+            a, b = ins.srcs
+            if a in grad_regs:
+                ga = torch.matmul(g, regs[b].transpose(-1, -2))
+                _accumulate(grads, a, ga.sum_to_size(shapes[a]))
+            if b in grad_regs:
+                lhs = regs[a].transpose(-1, -2)
+                gb = torch.matmul(lhs, g)
+                _accumulate(grads, b, gb.sum_to_size(shapes[b]))
+    return [grads.get(k) if wanted else None for k, wanted in enumerate(needs_grad)]
+
+
+class RecomputedContraction(torch.autograd.Function):
+    """``program.run`` that saves only its inputs and recomputes intermediates in backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(program: ContractionProgram, *operands: Tensor) -> Tensor:  # type: ignore[override]
+        return program.run(*operands)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.program = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        operands = ctx.saved_tensors
+        grads = program_vjp(ctx.program, operands, grad_output, ctx.needs_input_grad[1:])
+        return (None, *grads)
+
+
+def run_recomputed(program: ContractionProgram, *operands: Tensor) -> Tensor:
+    """Run ``program`` so that autograd saves its inputs only (see the module docstring).
+
+    Falls back to :meth:`ContractionProgram.run` when no operand needs a gradient.
+    """
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in operands):
+        return program.run(*operands)
+    out = RecomputedContraction.apply(program, *operands)
+    assert isinstance(out, Tensor)
+    return out
