@@ -219,7 +219,8 @@ def nearest_kronecker_calibrated(
     the factors: with all modes but one fixed the objective is a convex quadratic in
     that mode's factor, whose normal equations (one ``(R*d_i) x (R*d_i)`` system with
     ``h_i`` right-hand sides) are solved with a pseudo-inverse. Starts from the plain
-    :func:`~ndcompile.compress.kronecker.nearest_kronecker` fit. Every block step is an exact
+    :func:`~ndcompile.compress.kronecker.nearest_kronecker` fit (a truncated SVD of the
+    weight in its own precision for large two-mode layers). Every block step is an exact
     minimisation and is rejected if round-off made it worse, so the objective is
     monotone non-increasing and never exceeds the plain fit's; like any ALS it may
     stop at a local optimum. Stops when the relative objective decrease over a sweep
@@ -254,8 +255,8 @@ def nearest_kronecker_calibrated(
         KroneckerFit,
         _check_rank,
         _check_weight,
+        _fit_float64,
         kron_dense,
-        nearest_kronecker,
     )
 
     _check_weight(w, in_shape, out_shape, layer)
@@ -272,7 +273,10 @@ def nearest_kronecker_calibrated(
     g = gram.detach().to(device=dev, dtype=torch.float64)
     g = (g + g.T) / 2
     g_fit = g + damping * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=dev)
-    plain = nearest_kronecker(w64, in_shape, out_shape, rank, layer=layer)
+    # The plain start fits the weight in its own precision (float32 iteration for large
+    # float32 layers, see ndcompile.compress.truncated); its factors come back in float64.
+    plain = _fit_float64(w, in_shape, out_shape, rank)
+    plain.factors = [f.to(w64) for f in plain.factors]
     factors = list(plain.factors)
     if len(in_shape) > 1:
         factors = kron_als(w64, factors, g_fit, n_iter=n_iter, tol=tol)

@@ -12,10 +12,13 @@ tensor of shape ``(h1*d1, ..., hN*dN)`` in which a rank-R Kronecker sum becomes 
 rank-R CP tensor (a rank-R matrix for N = 2). :func:`nearest_kronecker` therefore
 uses a truncated SVD for N = 2 (optimal in Frobenius norm, Eckart–Young) and CP-ALS
 for N >= 3 (monotone non-increasing in error, but not guaranteed globally optimal).
+Large layers need only the leading singular triplets of the rearranged matrix; they
+come from :func:`ndcompile.compress.truncated.truncated_svd` (randomised block Krylov
+in float32, float64 Rayleigh–Ritz and errors) instead of a full float64 SVD.
 
 The activation-aware variant (:func:`nearest_kronecker_calibrated`,
 :func:`accumulate_gram`, :func:`output_rel_error`) lives in
-:mod:`ndcompile.factorize_calibrated` and is re-exported here.
+:mod:`ndcompile.compress.calibrated` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ from ndcompile.compress.calibrated import (
     accumulate_gram,
     nearest_kronecker_calibrated,
     output_rel_error,
+)
+from ndcompile.compress.truncated import (
+    TruncatedSVD,
+    residual_sq_norm,
+    sq_norm,
+    truncated_svd,
+    use_truncated,
 )
 from ndcompile.errors import NdCompileError
 
@@ -62,13 +72,17 @@ class KroneckerFit:
     Attributes:
         factors: N tensors, factor i of shape ``(R, h_i, d_i)``, in W's dtype/device.
         rel_error: ``||W - W_hat||_F / ||W||_F`` (of the float64 fit; 0 for W = 0).
-        spectrum: For N = 2, all singular values of the rearranged matrix
-            (descending); ``None`` otherwise.
-        method: How the fit was obtained (``"identity"``, ``"svd"``, ``"cp_als"``,
-            ``"calibrated_als"``).
+        spectrum: For N = 2, the singular values of the rearranged matrix that were
+            computed (descending): all of them after a full SVD (``method="svd"``),
+            the leading ones after a truncated one (``"truncated_svd"``); ``None``
+            otherwise.
+        method: How the fit was obtained (``"identity"``, ``"svd"``,
+            ``"truncated_svd"``, ``"cp_als"``, ``"calibrated_als"``).
         tol_met: Whether a requested tolerance was met (``None`` when none was asked).
         out_rel_error: Output-space relative error ``||(W - W_hat) G^{1/2}|| /
             ||W G^{1/2}||`` for calibrated fits; ``None`` otherwise.
+        errors: For N = 2, ``errors[r - 1]`` is the relative error of the best rank-r
+            fit for every rank the spectrum covers; ``None`` otherwise.
     """
 
     factors: list[Tensor]
@@ -77,6 +91,7 @@ class KroneckerFit:
     method: str
     tol_met: bool | None = None
     out_rel_error: float | None = None
+    errors: list[float] | None = None
 
     @property
     def rank(self) -> int:
@@ -283,17 +298,71 @@ def dense_params(in_shape: Sequence[int], out_shape: Sequence[int]) -> int:
 
 def _svd_factors(
     u: Tensor, s: Tensor, vh: Tensor, rank: int, in_shape: Sequence[int], out_shape: Sequence[int]
-) -> tuple[list[Tensor], float]:
+) -> list[Tensor]:
+    """NdLinear factors of the rank-``rank`` truncation ``u diag(s) vh`` (split evenly)."""
     root = s[:rank].sqrt()
     f1 = (u[:, :rank] * root).T.reshape(rank, out_shape[0], in_shape[0])
     f2 = (vh[:rank] * root[:, None]).reshape(rank, out_shape[1], in_shape[1])
-    total = torch.linalg.vector_norm(s)
-    err = torch.linalg.vector_norm(s[rank:]) / total if total > 0 else s.new_zeros(())
-    return [f1, f2], float(err)
+    return [f1, f2]
+
+
+def _rearranged(w: Tensor, in_shape: Sequence[int], out_shape: Sequence[int]) -> Tensor:
+    """The rearranged matrix in its working precision (float64 stays, else float32).
+
+    One contiguous copy of the weight; no float64 copy for narrower weights.
+    """
+    w = w.detach().to(_work_device(w))
+    t = rearrange(w, in_shape, out_shape).contiguous()
+    return t if t.dtype in (torch.float64, torch.float32) else t.to(torch.float32)
+
+
+def _fit_error(a: Tensor, res: TruncatedSVD, rank: int) -> float:
+    """Relative error of the rank-``rank`` truncation, in float64.
+
+    Read from the spectrum; when that is small enough for the energy formula to
+    cancel (below 1e-3) and the spectrum is not complete, the residual is measured.
+    """
+    if res.total <= 0:
+        return 0.0
+    if res.method == "full":
+        s = res.s
+        return float(torch.linalg.vector_norm(s[rank:]) / torch.linalg.vector_norm(s))
+    err = res.rel_errors()[rank - 1]
+    if err < 1e-3:
+        resid = residual_sq_norm(a, res.u[:, :rank], res.s[:rank], res.vh[:rank])
+        err = math.sqrt(max(resid, 0.0) / res.total)
+    return err
+
+
+def _errors(res: TruncatedSVD) -> list[float]:
+    if res.method == "full" and res.total > 0:
+        tail = res.s.pow(2).flip(0).cumsum(0).flip(0).sqrt() / math.sqrt(res.total)
+        return [*tail[1:].tolist(), 0.0]
+    return res.rel_errors()
+
+
+def _fit_two_modes(
+    w: Tensor, in_shape: Sequence[int], out_shape: Sequence[int], rank: int
+) -> KroneckerFit:
+    """Rank-``rank`` fit for N = 2 with float64 factors on the working device."""
+    a = _rearranged(w, in_shape, out_shape)
+    res = truncated_svd(a, rank)
+    factors = _svd_factors(res.u, res.s, res.vh, rank, in_shape, out_shape)
+    method = "svd" if res.method == "full" else "truncated_svd"
+    errors = _errors(res)
+    return KroneckerFit(factors, _fit_error(a, res, rank), res.s.tolist(), method, errors=errors)
 
 
 def _hosvd_init(t: Tensor, k: int, rank: int, gen: torch.Generator) -> Tensor:
-    """Leading ``rank`` left singular vectors of the mode-k unfolding (random if short)."""
+    """Leading ``rank`` left singular vectors of the mode-k unfolding (random if short).
+
+    Large unfoldings take a truncated SVD (only ``rank`` vectors are needed); small
+    ones the eigenvectors of the unfolding's Gram matrix.
+    """
+    unfolding = t.movedim(k, 0).reshape(t.shape[k], -1)
+    if use_truncated(tuple(unfolding.shape), rank):
+        res = truncated_svd(unfolding, rank, method="randomized", rtol=1e-6, max_passes=20)
+        return res.u.to(t.dtype)
     others = [m for m in range(t.dim()) if m != k]
     gram = torch.tensordot(t, t, dims=(others, others))
     _, vecs = torch.linalg.eigh(gram)
@@ -406,23 +475,30 @@ def nearest_kronecker(
     """
     _check_weight(w, in_shape, out_shape, layer)
     _check_rank(rank, in_shape, out_shape, layer)
+    fit = _fit_float64(w, in_shape, out_shape, rank, n_iter=n_iter, tol=tol)
+    fit.factors = [f.to(device=w.device, dtype=w.dtype).contiguous() for f in fit.factors]
+    return fit
+
+
+def _fit_float64(
+    w: Tensor,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    rank: int,
+    *,
+    n_iter: int = 50,
+    tol: float = 1e-10,
+) -> KroneckerFit:
+    """:func:`nearest_kronecker` without the checks, factors left in float64."""
     n = len(in_shape)
+    if n == 2:
+        return _fit_two_modes(w, in_shape, out_shape, rank)
     w64 = w.detach().to(device=_work_device(w), dtype=torch.float64)
-    spectrum: list[float] | None = None
     if n == 1:
-        factors, err, method = [w64.reshape(1, *w64.shape)], 0.0, "identity"
-    elif n == 2:
-        u, s, vh = torch.linalg.svd(rearrange(w64, in_shape, out_shape), full_matrices=False)
-        factors, err = _svd_factors(u, s, vh, rank, in_shape, out_shape)
-        spectrum, method = s.tolist(), "svd"
-    else:
-        mats, err = _cp_als(rearrange(w64, in_shape, out_shape), rank, n_iter, tol)
-        factors = [
-            a.T.reshape(rank, h, d) for a, h, d in zip(mats, out_shape, in_shape, strict=True)
-        ]
-        method = "cp_als"
-    out = [f.to(device=w.device, dtype=w.dtype).contiguous() for f in factors]
-    return KroneckerFit(factors=out, rel_error=err, spectrum=spectrum, method=method)
+        return KroneckerFit([w64.reshape(1, *w64.shape)], 0.0, None, "identity")
+    mats, err = _cp_als(rearrange(w64, in_shape, out_shape), rank, n_iter, tol)
+    factors = [a.T.reshape(rank, h, d) for a, h, d in zip(mats, out_shape, in_shape, strict=True)]
+    return KroneckerFit(factors, err, None, "cp_als")
 
 
 def rank_for_tolerance(
@@ -468,15 +544,9 @@ def rank_for_tolerance(
         )
     max_rank = min(max_rank, _max_rank(in_shape, out_shape))
     if len(in_shape) == 2:
-        w64 = w.detach().to(device=_work_device(w), dtype=torch.float64)
-        u, s, vh = torch.linalg.svd(rearrange(w64, in_shape, out_shape), full_matrices=False)
-        total = torch.linalg.vector_norm(s)
-        tail = s.pow(2).flip(0).cumsum(0).flip(0).sqrt()  # tail[r] = error at rank r
-        errs = [*(tail / total if total > 0 else torch.zeros_like(tail)).tolist(), 0.0]
-        rank = next((r for r in range(1, max_rank + 1) if errs[r] <= tol), max_rank)
-        factors, err = _svd_factors(u, s, vh, rank, in_shape, out_shape)
-        out = [f.to(device=w.device, dtype=w.dtype).contiguous() for f in factors]
-        return KroneckerFit(out, err, s.tolist(), "svd", tol_met=err <= tol)
+        fit = _tolerance_two_modes(w, in_shape, out_shape, tol, max_rank)
+        fit.factors = [f.to(device=w.device, dtype=w.dtype).contiguous() for f in fit.factors]
+        return fit
     fit = None
     for rank in range(1, max_rank + 1):
         fit = nearest_kronecker(w, in_shape, out_shape, rank, n_iter=n_iter, layer=layer)
@@ -485,3 +555,41 @@ def rank_for_tolerance(
     assert fit is not None
     fit.tol_met = fit.rel_error <= tol
     return fit
+
+
+def _tolerance_two_modes(
+    w: Tensor, in_shape: Sequence[int], out_shape: Sequence[int], tol: float, max_rank: int
+) -> KroneckerFit:
+    """Smallest rank meeting ``tol`` for N = 2 (float64 factors).
+
+    Small problems take one full SVD. Large ones fit the leading triplets at rank
+    8, 16, 32, ... (each warm-started from the last one's vectors) until the
+    error read from the spectrum meets ``tol`` or ``max_rank`` is reached.
+    """
+    a = _rearranged(w, in_shape, out_shape)
+    rank = min(max_rank, 8)
+    if not use_truncated(tuple(a.shape), rank):
+        res = truncated_svd(a, max_rank, method="full")
+    else:
+        total, init = sq_norm(a), None
+        while True:
+            res = truncated_svd(a, rank, method="randomized", init=init, total=total)
+            errs = res.rel_errors()
+            if rank == max_rank or min(errs) <= tol:
+                break
+            rank = min(2 * rank, max_rank)
+            if not use_truncated(tuple(a.shape), rank):
+                res = truncated_svd(a, max_rank, method="full", total=total)
+                break
+            init = res.u
+    errs = _errors(res)
+    top = min(max_rank, len(errs))
+    rank = next((r for r in range(1, top + 1) if errs[r - 1] <= tol), top)
+    err = _fit_error(a, res, rank)
+    while err > tol and rank < top:  # the spectrum's estimate was too optimistic
+        rank += 1
+        err = _fit_error(a, res, rank)
+    method = "svd" if res.method == "full" else "truncated_svd"
+    factors = _svd_factors(res.u, res.s, res.vh, rank, in_shape, out_shape)
+    spectrum = res.s.tolist()
+    return KroneckerFit(factors, err, spectrum, method, tol_met=err <= tol, errors=errs)
