@@ -152,3 +152,64 @@ def test_machine_model_is_cached_on_disk(tmp_path, monkeypatch) -> None:  # type
 def test_unknown_planner_is_an_error() -> None:
     with pytest.raises(NdCompileError, match="valid planners"):
         NdLinear((4, 4), (4, 4), planner="fastest")
+
+
+RANK_SUM_SHAPES = [((4, 6), (5, 3)), ((3, 4, 5), (2, 3, 4))]
+
+
+@pytest.mark.parametrize("shapes", RANK_SUM_SHAPES, ids=["2 modes", "3 modes"])
+@pytest.mark.parametrize("rank", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_sum_candidates_match_dense_weight(
+    shapes: tuple, rank: int, dtype: torch.dtype
+) -> None:
+    in_shape, out_shape = shapes
+    choice = plan_ndlinear(in_shape, out_shape, rank, batch=6, machine=MACHINE, dtype=dtype)
+    kinds = {bool(c.chains) for c in choice.candidates}
+    assert kinds == ({False, True} if rank > 1 else {False})
+    layer = NdLinear(in_shape, out_shape, rank, bias=False, dtype=dtype)
+    x = torch.randn(6, *in_shape, dtype=dtype)
+    ref = (x.reshape(6, -1) @ layer.dense_weight().T).reshape(6, *out_shape)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for cand in choice.candidates:
+        got = cand.plan.program.run(x, *layer.factor_operands())
+        torch.testing.assert_close(got, ref, **tol, msg=lambda m, c=cand: f"{c.label}: {m}")
+
+
+def test_chains_program_selects_terms_and_adds() -> None:
+    choice = plan_ndlinear((4, 6), (5, 3), 3, batch=6, machine=MACHINE)
+    chains = [c for c in choice.candidates if c.chains]
+    assert chains and all(c.label.startswith("3 chains: ") for c in chains)
+    program = chains[0].plan.program
+    assert program.count("select") == 3 * 2 and program.count("add") == 2
+    stacked = next(c for c in choice.candidates if not c.chains).plan.program
+    assert stacked.count("select") == 0 and stacked.count("add") == 0
+    assert stacked.count("matmul") == 2  # one GEMM per mode over all R terms
+    assert "3 chains" in str(choice)
+
+
+def test_planner_chooses_stacked_or_chains_by_cost() -> None:
+    wide = plan_ndlinear((24, 32), (48, 64), 4, batch=128, machine=MACHINE)
+    assert not wide.chosen.chains
+    assert wide.chosen.plan.program.count("matmul") == 2
+    small_first = plan_ndlinear((3, 32, 32), (3, 32, 32), 2, batch=64, machine=MACHINE)
+    assert small_first.chosen.chains == 2
+    for choice in (wide, small_first):
+        assert choice.chosen.est_us == min(c.est_us for c in choice.candidates)
+
+
+def test_layer_trains_through_chains_with_recomputation() -> None:
+    layer = NdLinear((3, 32, 32), (3, 32, 32), 2, plan_batch=64, dtype=torch.float64)
+    layer._choice = plan_ndlinear((3, 32, 32), (3, 32, 32), 2, batch=64, machine=MACHINE)
+    layer._plan = layer._choice.chosen.plan
+    assert layer.plan_choice().chosen.chains == 2
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    dense = layer.to_dense()
+    g = torch.randn(4, 3 * 32 * 32, dtype=torch.float64)
+    y = layer(x).reshape(4, -1)
+    torch.testing.assert_close(y, dense(x.reshape(4, -1)), rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(y, [x, *layer.factors], g)
+    layer.recompute = False
+    ref = torch.autograd.grad(layer(x).reshape(4, -1), [x, *layer.factors], g)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

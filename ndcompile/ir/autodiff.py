@@ -13,6 +13,7 @@ Backward of each instruction (``g`` is the gradient of its output):
 
 * ``reshape``: ``g.reshape(src shape)``; ``permute``: the inverse permutation;
 * ``sum(dims)``: ``g`` unsqueezed at ``dims`` and expanded;
+* ``select(dim, index)``: ``g`` scattered into zeros; ``add``: ``g`` to both;
 * ``matmul(a, b)``: ``g @ bᵀ`` and ``aᵀ @ g``, summed over broadcast dims.
 """
 
@@ -61,6 +62,10 @@ def _out_shape(ins: Instruction, shapes: dict[int, Shape]) -> Shape:
         return tuple(src[p] for p in ins.arg)
     if ins.op == "sum":
         return tuple(s for d, s in enumerate(src) if d not in ins.arg)
+    if ins.op == "select":
+        return tuple(s for d, s in enumerate(src) if d != ins.arg[0])
+    if ins.op == "add":
+        return src
     if ins.op == "matmul":
         other = shapes[ins.srcs[1]]
         if ins.arg == (2, 3):
@@ -93,7 +98,11 @@ def _execute(ins: Instruction, regs: dict[int, Tensor]) -> Tensor:
         return src.permute(ins.arg)
     if ins.op == "sum":
         return src.sum(ins.arg)
+    if ins.op == "select":
+        return src.select(*ins.arg)
     other = regs[ins.srcs[1]]
+    if ins.op == "add":
+        return src + other
     if ins.arg == (2, 3):
         return torch.bmm(src.expand(other.shape[0], -1, -1), other)
     return torch.matmul(src, other)
@@ -163,6 +172,12 @@ def program_vjp(
             for dim in sorted(ins.arg):
                 g = g.unsqueeze(dim)
             _accumulate(grads, src, g.expand(shapes[src]))
+        elif ins.op == "select":
+            zeros = g.new_zeros(shapes[src])
+            _accumulate(grads, src, torch.select_scatter(zeros, g, *ins.arg))
+        elif ins.op == "add":
+            _accumulate(grads, src, g)
+            _accumulate(grads, ins.srcs[1], g)
         else:
             a, b = ins.srcs
             if a in grad_regs:

@@ -36,14 +36,15 @@ class Instruction:
     """One op of a program: ``out = op(*srcs, arg)``.
 
     Attributes:
-        op: One of ``"reshape"``, ``"permute"``, ``"matmul"``, ``"sum"``.
+        op: One of ``"reshape"``, ``"permute"``, ``"matmul"``, ``"sum"``, ``"select"``
+            (a view ``src.select(dim, index)``) or ``"add"`` (two same-shape registers).
         srcs: Register numbers read.
         out: Register number written.
-        arg: The shape (reshape), permutation (permute), dims (sum) or the operand
-            ranks (matmul).
+        arg: The shape (reshape), permutation (permute), dims (sum), ``(dim, index)``
+            (select) or the operand ranks (matmul).
         dims: Nominal sizes for cost models: ``(batch, m, k, n, left_batch,
             right_batch)`` of a matmul (the batch each operand really has; the other
-            is broadcast), the element count of a permute.
+            is broadcast), the element count of a permute or add.
     """
 
     op: str
@@ -97,6 +98,10 @@ class ContractionProgram:
                     regs[ins.out] = torch.matmul(a, b)
             elif ins.op == "sum":
                 regs[ins.out] = regs[ins.srcs[0]].sum(ins.arg)
+            elif ins.op == "select":
+                regs[ins.out] = regs[ins.srcs[0]].select(*ins.arg)
+            elif ins.op == "add":
+                regs[ins.out] = regs[ins.srcs[0]] + regs[ins.srcs[1]]
             else:  # pragma: no cover - instructions are built by this module only
                 raise AssertionError(ins.op)
         return regs[self.result]

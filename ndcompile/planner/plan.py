@@ -22,6 +22,7 @@ keyed on (network, shapes, dtype, device, threads, torch version).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -34,6 +35,7 @@ import torch
 
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.ir.program import ContractionProgram
+from ndcompile.ir.terms import sum_of_terms
 from ndcompile.planner.machine import MachineModel, cache_dir, machine_model
 
 __all__ = ["Candidate", "PlanChoice", "estimate_us", "groupings", "plan_ndlinear"]
@@ -50,6 +52,8 @@ CACHED_BANDWIDTH_FACTOR = 4.0
 MAX_ORDER_MODES = 4
 #: Matmul dims below this run at reduced efficiency.
 EFFICIENT_DIM = 32
+#: Best rank-1 plans tried as R separate chains of a rank-R layer.
+CHAIN_CANDIDATES = 3
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class Candidate:
         measured_us: Median measured time when autotuned, else None.
         order: Modes applied one at a time in this order (None: opt_einsum's order
             for the grouping).
+        chains: Rank R > 1 run as R separate rank-1 chains (each planned as
+            ``grouping``/``order``) and added, instead of stacked factors (one
+            GEMM per mode over all R terms, the sum folded into the last one).
     """
 
     grouping: tuple[tuple[int, ...], ...]
@@ -70,13 +77,16 @@ class Candidate:
     est_us: float
     measured_us: float | None = None
     order: tuple[int, ...] | None = None
+    chains: int = 0
 
     @property
     def label(self) -> str:
-        """Short description: ``modes 0 | 1⊗2``, or ``order 1,0`` for a mode order."""
+        """Short description: ``modes 0 | 1⊗2``, ``order 1,0``, ``4 chains: order 1,0``."""
         if self.order is not None:
-            return "order " + ",".join(map(str, self.order))
-        return "modes " + " | ".join("⊗".join(map(str, g)) for g in self.grouping)
+            label = "order " + ",".join(map(str, self.order))
+        else:
+            label = "modes " + " | ".join("⊗".join(map(str, g)) for g in self.grouping)
+        return f"{self.chains} chains: {label}" if self.chains else label
 
 
 @dataclass
@@ -138,6 +148,9 @@ def estimate_us(program: ContractionProgram, machine: MachineModel, itemsize: in
         elif ins.op == "permute":
             nbytes = itemsize * ins.dims[0]
             total += 2.0 * nbytes / _bandwidth(machine, nbytes) + machine.op_overhead_us
+        elif ins.op == "add":
+            nbytes = itemsize * ins.dims[0]
+            total += 3.0 * nbytes / _bandwidth(machine, nbytes) + machine.op_overhead_us
         else:
             total += 0.3 * machine.op_overhead_us
     return total
@@ -234,6 +247,38 @@ def _time_candidate(cand: Candidate, operands: list[torch.Tensor], reps: int) ->
     return statistics.median(times) * 1e6
 
 
+def _chain_candidates(
+    tn: TensorNetwork,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    rank: int,
+    batch: int,
+    optimizer: str,
+    machine: MachineModel,
+    itemsize: int,
+) -> list[Candidate]:
+    """The best rank-1 plans of the same shapes, each run as ``rank`` separate chains."""
+    single = plan_ndlinear(
+        in_shape, out_shape, 1, batch=batch, optimizer=optimizer, machine=machine
+    )
+    stacked = tn.plan(optimizer, nominal_batch=batch)
+    elements = batch * math.prod(out_shape)
+    out = []
+    for cand in single.candidates[:CHAIN_CANDIDATES]:
+        program = sum_of_terms(cand.plan.program, rank, elements)
+        plan = dataclasses.replace(
+            cand.plan,
+            equation=stacked.equation,
+            optimizer=f"{rank} x {cand.plan.optimizer}",
+            flops=rank * cand.plan.flops + (rank - 1) * elements,
+            naive_flops=stacked.naive_flops,
+            program=program,
+        )
+        est = estimate_us(program, machine, itemsize)
+        out.append(Candidate(cand.grouping, plan, est, order=cand.order, chains=rank))
+    return out
+
+
 def plan_ndlinear(
     in_shape: tuple[int, ...],
     out_shape: tuple[int, ...],
@@ -296,6 +341,8 @@ def plan_ndlinear(
         seen.add(key)
         est = estimate_us(plan.program, model, itemsize)
         cands.append(Candidate(grouping, plan, est, order=order))
+    if rank > 1:
+        cands += _chain_candidates(tn, in_shape, out_shape, rank, batch, optimizer, model, itemsize)
     cands.sort(key=lambda c: c.est_us)
     if not autotune:
         return PlanChoice(cands[0], cands)
@@ -310,7 +357,7 @@ def plan_ndlinear(
         shape = (h, d) if rank == 1 else (rank, h, d)
         operands.append(torch.randn(*shape, generator=gen, dtype=dtype).to(device))
     timed = [
-        Candidate(c.grouping, c.plan, c.est_us, _time_candidate(c, operands, reps), c.order)
+        dataclasses.replace(c, measured_us=_time_candidate(c, operands, reps))
         for c in cands[:top_k]
     ]
     cands = timed + cands[top_k:]
