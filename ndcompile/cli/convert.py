@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ndcompile.cli.data import forward_input_names, load_distill_data
 from ndcompile.cli.loading import (
     UsageError,
     build_model,
@@ -31,12 +32,12 @@ from ndcompile.cli.output import (
     Progress,
     StagedOutputs,
     check_output_path,
+    export_error,
     onnx_exporter,
     save_program,
     save_state_dict,
 )
 from ndcompile.compress.distill import distill
-from ndcompile.errors import NdCompileError
 from ndcompile.pipeline.convert import convert, relative_error
 
 __all__ = [
@@ -83,10 +84,22 @@ def _run_model(model: nn.Module, inputs: tuple[Tensor, ...], what: str, hint: st
 
 def distill_batches(
     args: argparse.Namespace, model: torch.nn.Module, example: tuple[Tensor, ...]
-) -> list[Tensor]:
-    """The ``--distill`` inputs, loaded safely and checked against the model."""
-    batches = load_calibration(args.distill)
-    return _checked_calibration(model, batches, example[0].dtype)
+) -> list[tuple[Tensor, ...]]:
+    """The ``--distill`` inputs, loaded safely, cut into batches and checked against the model.
+
+    A tensor (or a dict of named input tensors) is cut into batches of the example's
+    batch size; the first batch is run through the model to check it fits.
+    """
+    batches = load_distill_data(
+        args.distill,
+        batch_rows=example[0].shape[0] if example[0].dim() else 1,
+        input_names=forward_input_names(model),
+    )
+    dtype = example[0].dtype
+    batches = [tuple(t.to(dtype) if t.is_floating_point() else t for t in b) for b in batches]
+    shapes = ", ".join(str(tuple(t.shape)) for t in batches[0])
+    _run_model(model, batches[0], f"--distill batch 0 of shape {shapes}", None)
+    return batches
 
 
 def conversion_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,16 +156,7 @@ def verify_outputs(
 
 def check_export(program: Any, converted: nn.Module, example: tuple[Tensor, ...]) -> float:
     """Relative error of the exported program vs ``converted``; raise beyond fp tolerance."""
-    with torch.no_grad():
-        want, got = converted(*example), program.module()(*example)
-    err = relative_error(want, got)
-    limit = {torch.float64: 1e-10, torch.float32: 1e-4}.get(example[0].dtype, 1e-2)
-    if err > limit:
-        raise NdCompileError(
-            f"the exported program differs from the converted module (relative error {err:.2e})",
-            hint="save the weights with --state-dict-out and report the model",
-        )
-    return err
+    return export_error(program, converted, example)
 
 
 def _checked_calibration(
@@ -186,6 +190,7 @@ def run_convert(args: argparse.Namespace) -> int:
         with progress.step("load model"):
             model, example, _ = load_model(args)
         notes = []
+        distilled = distill_batches(args, model, example) if args.distill else None
         if calibration is not None:
             calibration = _checked_calibration(model, calibration, example[0].dtype)
         if calibration is not None and args.mode == "factorize":
@@ -197,9 +202,8 @@ def run_convert(args: argparse.Namespace) -> int:
             converted = convert(model, example, **kwargs)
         report = converted.report
         report.notes.extend(notes)
-        if getattr(args, "distill", None):
+        if distilled is not None:
             with progress.step("distill"):
-                distilled = distill_batches(args, model, example)
                 result = distill(
                     converted, model, distilled, steps=args.distill_steps,
                     whole_model=True, progress=False,
@@ -221,7 +225,9 @@ def run_convert(args: argparse.Namespace) -> int:
                     if isinstance(getattr(onnx, "max_abs_error", None), float):
                         verification["onnx_max_abs_error"] = onnx.max_abs_error
                 elif out is not None:
-                    program = staged.stage(out, lambda p: save_program(converted, example, p))
+                    program = staged.stage(
+                        out, lambda p: save_program(converted, example, p, notes=report.notes)
+                    )
                     verification["export_rel_error"] = check_export(program, converted, example)
             with progress.step("save"):
                 if sd_out is not None:

@@ -22,6 +22,8 @@ from ndcompile.frontend.sites import LinearSite, ShapeOverrides, find_linear_sit
 from ndcompile.frontend.trace import is_reference_ndlinear, node_shape, propagate_shapes, trace
 from ndcompile.ir.network import TensorNetwork
 from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.pipeline.modes import get_mode
+from ndcompile.pipeline.options import ConvertOptions
 from ndcompile.report import format_count, format_shape
 
 __all__ = ["MATMUL_OPS", "describe_program", "format_plan", "format_program", "plan_model"]
@@ -143,11 +145,24 @@ def plan_model(
     the rows show the pure Kronecker sum at the budget (conversion may pick a
     Kronecker + low-rank hybrid of the same size).
     """
+    opts = ConvertOptions(
+        mode=mode,
+        rank=rank,
+        tol=tol,
+        budget=budget,
+        shapes=shapes,
+        include=include,  # type: ignore[arg-type]
+        exclude=exclude,  # type: ignore[arg-type]
+        optimizer=optimizer,
+    )
+    strategy = get_mode(mode)
     gm = trace(model)
     propagate_shapes(gm, example)
     rows = _ndlinear_rows(gm, mode)
-    sites = find_linear_sites(gm, shapes=shapes, include=include, exclude=exclude)
+    sites = find_linear_sites(gm, shapes=shapes, include=opts.include, exclude=opts.exclude)
     for site in sites:
+        if site.convertible and strategy.replaces_sites:
+            site.skip_reason = strategy.skip_reason(site, opts)
         r = rank or 1
         if budget is not None and site.in_shape is not None and site.out_shape is not None:
             per_term = sum(h * d for h, d in zip(site.out_shape, site.in_shape, strict=True))
@@ -198,9 +213,12 @@ def _param_source(node: Any, params: dict[str, str]) -> str | None:
     return None
 
 
-def _val_shape(node: Any) -> tuple[int, ...] | None:
+def _val_shape(node: Any) -> tuple[int | str, ...] | None:
+    """The node's shape; a dynamic dim is shown as its symbol or expression (``s0``, ``8*s0``)."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(s if isinstance(s, int) else str(s) for s in val.shape)
 
 
 def describe_program(program: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ __all__ = [
     "load_checkpoint",
     "load_factory",
     "load_state_dict_strict",
+    "load_tensor_file",
     "make_example",
     "parse_dtype",
     "parse_factory_spec",
@@ -65,6 +66,13 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _failure(exc: BaseException) -> str:
+    """What user code did: ``RuntimeError: message`` or ``it called sys.exit(3)``."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({'' if exc.code is None else repr(exc.code)})"
+    return _first_line(exc)
+
+
 def parse_factory_spec(spec: str) -> tuple[str, str]:
     """Split ``"pkg.module:fn"`` or ``"path/to/file.py:fn"`` into (module or path, name).
 
@@ -93,9 +101,12 @@ def _import_file(path: Path) -> Any:
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except KeyboardInterrupt:
         sys.modules.pop(name, None)
-        raise UsageError(f"importing {str(path)!r} failed: {_first_line(exc)}") from exc
+        raise
+    except BaseException as exc:  # user code: sys.exit() and the like are failures too
+        sys.modules.pop(name, None)
+        raise UsageError(f"importing {str(path)!r} failed: {_failure(exc)}") from exc
     finally:
         sys.path.remove(folder)
     return module
@@ -113,8 +124,10 @@ def _import_module(name: str) -> Any:
             f"cannot import module {name!r}: {exc}",
             hint="check the spelling, or give a file path: path/to/file.py:factory",
         ) from exc
-    except Exception as exc:
-        raise UsageError(f"importing module {name!r} failed: {_first_line(exc)}") from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # user code: sys.exit() and the like are failures too
+        raise UsageError(f"importing module {name!r} failed: {_failure(exc)}") from exc
     finally:
         if added:
             sys.path.remove(cwd)
@@ -148,8 +161,10 @@ def build_model(spec: str) -> nn.Module:
     factory = load_factory(spec)
     try:
         model = factory()
-    except Exception as exc:
-        raise UsageError(f"factory {spec!r} raised {_first_line(exc)}") from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # user code: sys.exit() and the like are failures too
+        raise UsageError(f"factory {spec!r} failed: {_failure(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise UsageError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -189,36 +204,73 @@ def make_example(
     return tuple(torch.randn(s, generator=gen, dtype=torch.float32).to(dtype) for s in shapes)
 
 
-def parse_shapes_json(text: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Parse per-layer mode overrides: JSON (or a path to a JSON file).
+_SHAPES_HINT = "e.g. --shapes '{\"fc1\": [[8, 8, 4], [4, 4, 4]]}' or --shapes modes.json"
 
-    The format is ``{"fc1": [[8, 8, 4], [4, 4, 4]]}`` (input modes, output modes).
+
+def _read_shapes_file(text: str) -> tuple[str, str]:
+    """(source name, JSON text) of a ``--shapes`` argument that names a file."""
+    path = Path(text)
+    if not path.exists():
+        raise UsageError(
+            f"--shapes file {text!r} does not exist",
+            hint="give a JSON file or an inline JSON object: " + _SHAPES_HINT,
+        )
+    if path.is_dir():
+        raise UsageError(f"--shapes {text!r} is a folder, not a JSON file", hint=_SHAPES_HINT)
+    try:
+        return f"--shapes file {text!r}", path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --shapes file {text!r}: {_first_line(exc)}") from exc
+
+
+def _modes(source: str, name: str, modes: Any) -> tuple[int, ...]:
+    if not isinstance(modes, list) or not modes:
+        raise UsageError(
+            f"{source}: layer {name!r} must map to [in_modes, out_modes], two lists of "
+            f"positive integers; got {json.dumps(modes)} for one of them",
+            hint=_SHAPES_HINT,
+        )
+    bad = [v for v in modes if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise UsageError(
+            f"{source}: modes of layer {name!r} must be positive integers, got "
+            f"{json.dumps(bad[0])} in {json.dumps(modes)}",
+            hint="modes multiply to the layer's features, e.g. [28, 28] for 784",
+        )
+    return tuple(modes)
+
+
+def parse_shapes_json(text: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Parse per-layer mode overrides: inline JSON, or the path of a JSON file.
+
+    The format is ``{"fc1": [[8, 8, 4], [4, 4, 4]]}`` (input modes, output modes);
+    every mode is a positive integer (``28.9`` or ``"28"`` is an error, not rounded).
 
     Raises:
-        UsageError: If the text is not valid JSON of that form.
+        UsageError: If the file does not exist or the text is not JSON of that form.
     """
     source = "--shapes"
-    if not text.lstrip().startswith("{") and Path(text).is_file():
-        source, text = text, Path(text).read_text()
+    if not text.lstrip().startswith(("{", "[")):
+        source, text = _read_shapes_file(text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{source} is not valid JSON: {exc}") from exc
-    out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        raise UsageError(f"{source} is not valid JSON: {exc}", hint=_SHAPES_HINT) from exc
     if not isinstance(data, dict):
-        data = None
-    for name, spec in (data or {}).items():
-        try:
-            d_in, d_out = spec
-            out[name] = (tuple(int(v) for v in d_in), tuple(int(v) for v in d_out))
-        except (TypeError, ValueError):
-            data = None
-            break
-    if data is None:
         raise UsageError(
-            f"{source} must map layer names to [in_modes, out_modes]",
-            hint="e.g. --shapes '{\"fc1\": [[8, 8, 4], [4, 4, 4]]}'",
+            f"{source} must map layer names to [in_modes, out_modes] (a JSON object), "
+            f"not a {type(data).__name__}",
+            hint=_SHAPES_HINT,
         )
+    out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for name, spec in data.items():
+        if not isinstance(spec, list) or len(spec) != 2:
+            raise UsageError(
+                f"{source}: layer {name!r} must map to [in_modes, out_modes], "
+                f"got {json.dumps(spec)}",
+                hint=_SHAPES_HINT,
+            )
+        out[name] = (_modes(source, name, spec[0]), _modes(source, name, spec[1]))
     return out
 
 
@@ -241,6 +293,22 @@ def _torch_load(path: Path) -> Any:
         raise UsageError(f"cannot read {str(path)!r}: {_first_line(exc)}") from exc
 
 
+def load_tensor_file(path: Path) -> Any:
+    """Tensors and plain containers from a ``.safetensors`` or ``torch.save`` file, safely.
+
+    Raises:
+        UsageError: If the file is unreadable or needs arbitrary unpickling.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise UsageError(f"cannot read {str(path)!r}: {_first_line(exc)}") from exc
+    return _torch_load(path)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """Load a state_dict from a torch checkpoint or a ``.safetensors`` file, safely.
 
@@ -253,14 +321,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise UsageError(f"cannot read {str(path)!r}: {_first_line(exc)}") from exc
-    data = _torch_load(path)
+    data = load_tensor_file(path)
     if isinstance(data, Mapping):
         for key in _NESTED_KEYS:
             if isinstance(data.get(key), Mapping):

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
 import torch
 
 from ndcompile import __version__
+from ndcompile.cli.archive import load_exported_program
 from ndcompile.cli.bench import format_timings, time_models
 from ndcompile.cli.convert import conversion_kwargs, emit, load_model, run_convert
 from ndcompile.cli.inspect import describe_program, format_plan, format_program, plan_model
 from ndcompile.cli.loading import DTYPES, UsageError
+from ndcompile.cli.output import Terminated, terminate_on_signals
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.network import OPTIMIZERS
 from ndcompile.pipeline.convert import MODES, convert
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--distill",
         metavar="DATA",
-        help="inputs (tensor or list) to distill the converted model towards the original",
+        help="inputs to distill the converted model towards the original: a tensor of rows "
+        "(cut into batches), a list of batches, or a dict of named inputs (.pt/.safetensors)",
     )
     conv.add_argument(
         "--distill-steps", type=_positive_int, default=200, help="steps per distillation phase"
@@ -166,13 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_inspect(args: argparse.Namespace) -> int:
     target = args.target
     if target.endswith(".pt2"):
-        path = Path(target)
-        if not path.is_file():
-            raise UsageError(f"exported program {target!r} does not exist")
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
-            raise UsageError(f"cannot load {target!r} with torch.export.load: {exc}") from exc
+        program = load_exported_program(target)  # refuses files that need unpickling
         info = describe_program(program)
         emit(
             args, format_program(info, f"exported program {target}"), {"command": "inspect", **info}
@@ -216,18 +213,43 @@ def format_error(exc: BaseException) -> str:
     return f"ndcompile: error: {message}"
 
 
+def _exit_message(exc: SystemExit) -> str:
+    code = "" if exc.code is None else repr(exc.code)
+    return (
+        f"ndcompile: error: the model's code called sys.exit({code}); the command did not "
+        "finish and wrote nothing"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``ndcompile`` command; return the exit status (never raises)."""
+    """Run the ``ndcompile`` command; return the exit status (never raises).
+
+    Ctrl-C exits with 130, SIGTERM/SIGHUP with 128 + the signal number; in every case
+    no output (or temporary file) is left behind. ``sys.exit`` called by the model's
+    code is a failure (status 1), not the command's exit.
+    """
     handlers = {"convert": run_convert, "inspect": _run_inspect, "bench": _run_bench}
     try:
         args = build_parser().parse_args(argv)
-        return handlers[args.command](args)
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
-    except KeyboardInterrupt:
-        print("ndcompile: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
+    except UsageError as exc:
+        print(format_error(exc), file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with terminate_on_signals():
+            return handlers[args.command](args)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        name = f" ({signal.Signals(signum).name})" if isinstance(exc, Terminated) else ""
+        print(f"ndcompile: interrupted{name}", file=sys.stderr)
+        return 128 + int(signum)
+    except SystemExit as exc:
+        if os.environ.get("NDCOMPILE_TRACEBACK"):
+            raise
+        print(_exit_message(exc), file=sys.stderr)
+        return EXIT_FAILED
+    except BaseException as exc:  # the model's code may raise anything
         if os.environ.get("NDCOMPILE_TRACEBACK"):
             raise
         print(format_error(exc), file=sys.stderr)
