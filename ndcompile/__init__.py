@@ -10,13 +10,16 @@ Quick use::
 from ndcompile.backends.dense import to_dense
 from ndcompile.backends.dynamo import ndcompile_backend, register_backend
 from ndcompile.backends.onnx import export_onnx
+from ndcompile.backends.pretrained import from_pretrained
 from ndcompile.backends.serialize import load, save
 from ndcompile.compress.adapters import adapter_state_dict, load_adapter_state_dict, merge_adapters
 from ndcompile.compress.distill import distill
 from ndcompile.errors import NdCompileError, UntraceableError
+from ndcompile.frontend.inputs import ExampleInputs
 from ndcompile.ir.network import OPTIMIZERS, NetworkPlan, TensorNetwork
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.pipeline.convert import MODES, convert, optimize, relative_error
+from ndcompile.pipeline.options import ConvertOptions
 from ndcompile.planner.plan import PlanChoice, plan_ndlinear
 from ndcompile.report import ConversionReport, LayerReport
 
@@ -30,6 +33,8 @@ __all__ = [
     "MODES",
     "OPTIMIZERS",
     "ConversionReport",
+    "ConvertOptions",
+    "ExampleInputs",
     "LayerReport",
     "NdCompileError",
     "NdLinear",
@@ -42,6 +47,7 @@ __all__ = [
     "convert",
     "distill",
     "export_onnx",
+    "from_pretrained",
     "load",
     "load_adapter_state_dict",
     "merge_adapters",

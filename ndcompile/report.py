@@ -87,6 +87,9 @@ class ConversionReport:
         output_rel_error: Whole-model relative output error on the example input
             (None when not comparable, e.g. ``fresh`` mode).
         notes: Extra remarks (fallbacks, verification results).
+        output: ``"module"`` (the user's class, layers swapped) or ``"graph"``.
+        options: The conversion's options (:meth:`ConvertOptions.to_json`), replayed
+            by ``load``.
     """
 
     mode: str
@@ -95,6 +98,8 @@ class ConversionReport:
     params_after: int = 0
     output_rel_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    output: str = "graph"
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def converted(self) -> list[LayerReport]:

@@ -52,7 +52,7 @@ def _converted(mode: str, dtype: torch.dtype = torch.float32) -> tuple[fx.GraphM
     model, x = ImageMLP().to(dtype), torch.randn(5, 4, 6, 2, dtype=dtype)
     # Two modes keep the factorize fit a fast SVD (three modes need iterative CP-ALS).
     kwargs = {"rank": 2, "shapes": {"fc1": ((8, 6), (4, 8))}} if mode == "factorize" else {}
-    return ndcompile.convert(model, x, mode=mode, **kwargs), (x,)
+    return ndcompile.convert(model, x, mode=mode, output="graph", **kwargs), (x,)
 
 
 def _outputs(module: nn.Module, inputs: tuple) -> list[torch.Tensor]:
@@ -133,7 +133,7 @@ def test_call_module_ndlinear_is_replaced() -> None:
 def test_partially_converted_model() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 32)
-    gm = ndcompile.convert(SmallUntraceable(), x, mode="fresh")
+    gm = ndcompile.convert(SmallUntraceable(), x, mode="fresh", output="graph")
     assert not isinstance(gm, fx.GraphModule)
     assert isinstance(gm.get_submodule("block.fc"), NdLinear)
     dense = to_dense(gm)
@@ -177,3 +177,16 @@ def test_wrong_region_is_caught_by_the_check() -> None:
     with pytest.raises(NdCompileError, match="dense model differs"):
         to_dense(gm)
     assert isinstance(to_dense(gm, check=False), fx.GraphModule)
+
+
+@pytest.mark.parametrize("mode", ["fresh", "factorize"])
+def test_module_surgery_output_densifies(mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = ImageMLP(), torch.randn(5, 4, 6, 2)
+    kwargs = {"rank": 2} if mode == "factorize" else {}
+    converted = ndcompile.convert(model, x, mode=mode, **kwargs)
+    assert isinstance(converted, ImageMLP)
+    dense = ndcompile.to_dense(converted)
+    assert not any(isinstance(m, NdLinear) for m in dense.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), converted(x), rtol=1e-5, atol=1e-6)

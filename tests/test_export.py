@@ -74,7 +74,8 @@ CONVERSIONS = {
 def _converted(name: str) -> tuple[fx.GraphModule, torch.Tensor]:
     make, shape, kwargs = CONVERSIONS[name]
     torch.manual_seed(0)
-    return ndcompile.convert(make(), torch.randn(*shape), **kwargs), torch.randn(*shape)
+    x = torch.randn(*shape)
+    return ndcompile.convert(make(), x, output="graph", **kwargs), torch.randn(*shape)
 
 
 @pytest.fixture(scope="module", params=["fresh", "factorize"])

@@ -8,8 +8,8 @@ then lets dead-code elimination drop the contraction ops.
 
 The ops of one inlined call are the nodes tagged by
 :func:`~ndcompile.passes.fx.emit.emit_ndlinear` with the same
-``meta["ndcompile_region"] = "<layer>@<output node>"``; the output carries
-``meta["ndcompile_plan"]``, and the input is the one node outside the region that
+``meta[REGION] = "<layer>@<output node>"``; the output carries
+``meta[PLAN]``, and the input is the one node outside the region that
 the region reads. Whether the call sees flattened modes (an ``nn.Linear`` site) or
 N-D modes is read from the shapes recorded at conversion (``meta["tensor_meta"]``).
 
@@ -33,13 +33,14 @@ import torch.fx as fx
 from torch import nn
 
 from ndcompile.errors import NdCompileError
+from ndcompile.ir.meta import PLAN, REGION
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.passes import set_submodule
 
 __all__ = ["ContractionSite", "find_contraction_sites", "to_dense"]
 
 #: Node meta key grouping the ops emitted for one NdLinear call.
-REGION_KEY = "ndcompile_region"
+REGION_KEY = REGION
 
 
 @dataclass
@@ -107,7 +108,7 @@ def _region_site(gm: fx.GraphModule, tag: str, nodes: list[fx.Node]) -> Contract
             layer=name,
         )
     members = set(nodes)
-    outputs = [n for n in nodes if "ndcompile_plan" in n.meta]
+    outputs = [n for n in nodes if PLAN in n.meta]
     escaping = [n for n in nodes if any(u not in members for u in n.users)]
     # Leading dims may be read from an earlier layer's input (``x0.shape``): a shape
     # query is not a data input of the region.
@@ -146,12 +147,12 @@ def find_contraction_sites(gm: fx.GraphModule) -> list[ContractionSite]:
         tag = node.meta.get(REGION_KEY)
         if isinstance(tag, str):
             regions.setdefault(tag, []).append(node)
-        if "ndcompile_plan" in node.meta and not isinstance(tag, str):
+        if PLAN in node.meta and not isinstance(tag, str):
             raise NdCompileError(
                 f"the contraction ending at {node.format_node()} carries no region tag",
                 hint="to_dense works on graphs made by ndcompile.convert/optimize",
             )
-        if "ndcompile_plan" in node.meta or (
+        if PLAN in node.meta or (
             node.op == "call_module" and isinstance(_submodule(gm, node.target), NdLinear)
         ):
             order.append((node, tag if isinstance(tag, str) else None))
@@ -288,6 +289,9 @@ def to_dense(converted: nn.Module, *, check: bool = True) -> nn.Module:
         _densify_graph(graph_module)
         if check:
             _check_equal(converted.get_submodule(name) if name else converted, graph_module)
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, NdLinear) and m.flat:  # a drop-in for nn.Linear (module surgery)
+            set_submodule(dense, name, m.to_dense())
     eager = [name for name, m in dense.named_modules() if isinstance(m, NdLinear)]
     if eager:
         raise NdCompileError(

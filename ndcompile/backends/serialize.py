@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -31,6 +32,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ndcompile.backends.rebuild import layer_specs, rebuild_layers
+from ndcompile.compress.adapters import freeze_all_but_adapters
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.trace import as_tuple
 from ndcompile.layers.ndlinear import NdLinear
@@ -154,10 +157,13 @@ def save(converted: nn.Module, path: str | os.PathLike, *, example_input: Any = 
             f"{type(converted).__name__} without a conversion report",
             hint="for a plain module use torch.save(model.state_dict(), ...)",
         )
-    if report.mode not in REBUILDABLE_MODES:
+    module_output = report.output == "module"
+    if report.mode not in REBUILDABLE_MODES and not module_output:
         raise NdCompileError(
-            f"save handles conversions of modes {list(REBUILDABLE_MODES)}, not {report.mode!r}",
-            hint="for adapters use ndcompile.compress.adapters.adapter_state_dict",
+            f"save handles graph conversions of modes {list(REBUILDABLE_MODES)}, not "
+            f"{report.mode!r}",
+            hint="convert with output='module' (the default), or use "
+            "ndcompile.compress.adapters.adapter_state_dict",
         )
     meta = {
         "format": FORMAT,
@@ -165,8 +171,13 @@ def save(converted: nn.Module, path: str | os.PathLike, *, example_input: Any = 
         "ndcompile_version": _version(),
         "torch_version": torch.__version__.split("+")[0],
         "mode": report.mode,
-        "example_inputs": _input_specs(converted, example_input),
-        "layers": _layer_specs(converted, report),
+        "output": report.output,
+        "example_inputs": (
+            []
+            if module_output and example_input is None
+            else _input_specs(converted, example_input)
+        ),
+        "layers": layer_specs(converted) if module_output else _layer_specs(converted, report),
         "report": report.to_dict(),
     }
     dest = Path(path)
@@ -223,8 +234,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("mode", "example_inputs", "layers"):
         if key not in meta:
             raise NdCompileError(f"{where!r}: metadata lacks {key!r}")
-    for layer in meta["layers"]:
-        _check_layer_entry(layer)
+    if not isinstance(meta["layers"], list):
+        raise NdCompileError(f"{where!r}: metadata 'layers' is not a list")
+    if meta.get("output") != "module":  # module files are checked by rebuild_layers
+        for layer in meta["layers"]:
+            _check_layer_entry(layer)
     return meta
 
 
@@ -305,7 +319,9 @@ def _rebuild(model: nn.Module, meta: Mapping[str, Any], inputs: tuple[Any, ...])
     if meta["mode"] not in REBUILDABLE_MODES:
         raise NdCompileError(f"cannot rebuild a conversion of mode {meta['mode']!r}")
     if meta["mode"] == "exact":
-        return convert(model, inputs, mode="exact", optimizer=optimizer, verify=False)
+        return convert(
+            model, inputs, mode="exact", optimizer=optimizer, verify=False, output="graph"
+        )
     hybrid = [layer["name"] for layer in layers if layer.get("lowrank", 0)]
     if hybrid:
         raise NdCompileError(
@@ -313,28 +329,26 @@ def _rebuild(model: nn.Module, meta: Mapping[str, Any], inputs: tuple[Any, ...])
             "cannot create in fresh mode",
             hint="save the dense equivalent (ndcompile.backends.dense.to_dense) or the state_dict",
         )
-    ranks = sorted({int(layer["rank"]) for layer in layers})
-    if len(ranks) > 1:
-        per_layer = {layer["name"]: layer["rank"] for layer in layers}
-        raise NdCompileError(
-            f"the file's layers have different ranks {per_layer}; rebuilding needs one rank "
-            "for all layers",
-            hint="convert(rank=...) takes a single rank: refit with one rank, or load the "
-            "layers' weights by hand",
-        )
     if not layers:
         return convert(
-            model, inputs, mode="fresh", exclude=["*"], optimizer=optimizer, verify=False
+            model,
+            inputs,
+            mode="fresh",
+            exclude=["*"],
+            optimizer=optimizer,
+            verify=False,
+            output="graph",
         )
     return convert(
         model,
         inputs,
         mode="fresh",
-        rank=ranks[0],
+        rank={layer["name"]: int(layer["rank"]) for layer in layers},
         shapes={layer["name"]: (layer["in_shape"], layer["out_shape"]) for layer in layers},
         include=[layer["name"] for layer in layers],
         optimizer=optimizer,
         verify=False,
+        output="graph",
     )
 
 
@@ -367,7 +381,11 @@ def _check_rebuilt(
                 layer=name,
                 hint="pass the same model architecture that was converted and saved",
             )
-    state = gm.state_dict()
+    _check_state(gm, tensors)
+
+
+def _check_state(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    state = model.state_dict()
     missing = sorted(set(state) - set(tensors))
     unexpected = sorted(set(tensors) - set(state))
     wrong = sorted(k for k in set(state) & set(tensors) if state[k].shape != tensors[k].shape)
@@ -395,7 +413,8 @@ def _restore_report(
                     entry[key] = tuple(entry[key])
             layers.append(LayerReport(**entry))
         fields = ("mode", "params_before", "params_after", "output_rel_error", "notes")
-        report = ConversionReport(layers=layers, **{k: data[k] for k in fields})
+        extra = {k: data[k] for k in ("output", "options") if k in data}
+        report = ConversionReport(layers=layers, **{k: data[k] for k in fields}, **extra)
     except (KeyError, TypeError):
         report = fallback
         report.mode = meta["mode"]
@@ -428,6 +447,8 @@ def load(path: str | os.PathLike, model: nn.Module, example_input: Any = None) -
     where = os.fspath(path)
     meta = read_metadata(where)
     tensors = _safetensors().load_file(where)
+    if meta.get("output") == "module":
+        return _load_module(meta, tensors, model, where)
     _check_tensors(meta, tensors, where)
     inputs = _example(meta, example_input)
     try:
@@ -441,3 +462,23 @@ def load(path: str | os.PathLike, model: nn.Module, example_input: Any = None) -
     gm.load_state_dict(tensors, strict=True)
     gm.report = _restore_report(meta, gm.report, where)  # type: ignore[assignment]
     return gm
+
+
+def _load_module(
+    meta: Mapping[str, Any], tensors: Mapping[str, Tensor], model: nn.Module, where: str
+) -> nn.Module:
+    """Rebuild a module-surgery conversion: install the recorded layers, load the weights."""
+    try:
+        rebuilt = rebuild_layers(copy.deepcopy(model), meta["layers"])
+    except NdCompileError as exc:
+        raise NdCompileError(
+            f"cannot rebuild the saved conversion on {type(model).__name__}: {exc}",
+            hint="pass the same model architecture that was converted and saved",
+        ) from exc
+    if meta.get("mode") == "adapter":
+        freeze_all_but_adapters(rebuilt)
+    _check_state(rebuilt, tensors)
+    rebuilt.load_state_dict(tensors, strict=True)
+    fallback = ConversionReport(mode=str(meta.get("mode")), output="module")
+    rebuilt.report = _restore_report(meta, fallback, where)  # type: ignore[assignment]
+    return rebuilt

@@ -40,6 +40,7 @@ __all__ = [
     "COMPUTE_MODES",
     "LORA_COMPARISON_RANKS",
     "NdAdapterLinear",
+    "adapter_for_site",
     "adapter_state_dict",
     "apply_adapters",
     "count_trainable",
@@ -302,13 +303,13 @@ def _fill_entry(entry: LayerReport, layer: NdAdapterLinear, site: LinearSite) ->
     entry.rank = layer.rank
     entry.params_before = layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel())
     entry.params_after = trainable
-    per_call = entry.flops_before // max(len(site.nodes), 1)
+    per_call = entry.flops_before // max(site.n_calls, 1)
     compute = layer.choose_compute()
     if compute == "dense":  # build ΔW, add it, one matmul with W + ΔW
         extra = (2 * layer.rank + 1) * layer.in_features * layer.out_features
     else:  # contraction on x, scale and add
         extra = plan.flops + 2 * site.rows * layer.out_features
-    entry.flops_after = (per_call + extra) * len(site.nodes)
+    entry.flops_after = (per_call + extra) * site.n_calls
     entry.naive_flops = plan.naive_flops
     entry.largest_intermediate = plan.largest_intermediate
     entry.plan = str(plan)
@@ -377,26 +378,49 @@ def apply_adapters(
             freeze_all_but_adapters(gm)
         return PassResult(gm, False)
     for site in chosen:
-        assert site.in_shape is not None and site.out_shape is not None
-        layer = NdAdapterLinear(
-            site.module,
-            site.in_shape,
-            site.out_shape,
+        layer = adapter_for_site(
+            site,
+            entries.get(site.name),
             rank=int(rank.get(site.name, 1)) if isinstance(rank, Mapping) else rank,
             alpha=alpha,
             zero_init=zero_init,
             optimizer=optimizer,
-            plan_batch=max(site.rows, 1),
             compute=compute,
         )
         set_submodule(gm, site.name, layer)
-        if site.name in entries:
-            _fill_entry(entries[site.name], layer, site)
     if freeze_base:
         freeze_all_but_adapters(gm)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, True)
+
+
+def adapter_for_site(
+    site: LinearSite,
+    entry: LayerReport | None,
+    *,
+    rank: int = 1,
+    alpha: float = 1.0,
+    zero_init: bool = True,
+    optimizer: str = "auto",
+    compute: str = "auto",
+) -> NdAdapterLinear:
+    """The :class:`NdAdapterLinear` for one convertible site (fills ``entry`` if given)."""
+    assert site.in_shape is not None and site.out_shape is not None
+    layer = NdAdapterLinear(
+        site.module,
+        site.in_shape,
+        site.out_shape,
+        rank=rank,
+        alpha=alpha,
+        zero_init=zero_init,
+        optimizer=optimizer,
+        plan_batch=max(site.rows, 1),
+        compute=compute,
+    )
+    if entry is not None:
+        _fill_entry(entry, layer, site)
+    return layer
 
 
 def _adapter_layers(model: nn.Module) -> dict[str, NdAdapterLinear]:

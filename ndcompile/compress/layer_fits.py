@@ -13,7 +13,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
 from ndcompile.compress.kronecker import (
@@ -27,16 +26,19 @@ from ndcompile.compress.kronecker import (
     rank_for_tolerance,
 )
 from ndcompile.errors import NdCompileError
+from ndcompile.frontend.inputs import example_inputs
 from ndcompile.frontend.sites import LinearSite
-from ndcompile.frontend.trace import as_tuple
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.report import LayerReport
 
 __all__ = ["capture_grams", "capture_inputs", "factorized_layer", "lowrank_output_error"]
 
 
-def capture_inputs(gm: fx.GraphModule, names: Iterable[str], inputs: tuple) -> dict[str, Tensor]:
-    """First input each named module sees when ``gm`` runs on ``inputs``."""
+def capture_inputs(gm: nn.Module, names: Iterable[str], inputs: Any) -> dict[str, Tensor]:
+    """First input each named module sees when ``gm`` runs on ``inputs``.
+
+    ``inputs`` is an example call (tensor, tuple, dict or ``(args, kwargs)``).
+    """
     captured: dict[str, Tensor] = {}
 
     def make_hook(name: str):  # type: ignore[no-untyped-def]
@@ -48,7 +50,7 @@ def capture_inputs(gm: fx.GraphModule, names: Iterable[str], inputs: tuple) -> d
     handles = [gm.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     try:
         with torch.no_grad():
-            gm(*inputs)
+            example_inputs(inputs)(gm)
     finally:
         for h in handles:
             h.remove()
@@ -56,7 +58,7 @@ def capture_inputs(gm: fx.GraphModule, names: Iterable[str], inputs: tuple) -> d
 
 
 def capture_grams(
-    gm: fx.GraphModule, names: Sequence[str], calibration: Iterable[Any]
+    gm: nn.Module, names: Sequence[str], calibration: Iterable[Any]
 ) -> dict[str, Tensor]:
     """Input Gram matrices ``XᵀX`` (float64) of the named Linears over calibration batches.
 
@@ -64,22 +66,21 @@ def capture_grams(
     """
     grams: dict[str, Tensor] = {}
 
-    def make_hook(name: str, in_features: int):  # type: ignore[no-untyped-def]
+    def make_hook(name: str):  # type: ignore[no-untyped-def]
         def hook(_mod: nn.Module, args: tuple) -> None:
-            gram, _ = accumulate_gram([args[0].detach()], in_features)
+            gram, _ = accumulate_gram([args[0].detach()], args[0].shape[-1])
             grams[name] = gram if name not in grams else grams[name] + gram
 
         return hook
 
     handles = []
     for name in names:
-        mod = gm.get_submodule(name)
-        handles.append(mod.register_forward_pre_hook(make_hook(name, mod.in_features)))
+        handles.append(gm.get_submodule(name).register_forward_pre_hook(make_hook(name)))
     try:
         with torch.no_grad():
             batches = 0
             for batch in calibration:
-                gm(*as_tuple(batch))
+                example_inputs(batch)(gm)
                 batches += 1
     finally:
         for h in handles:

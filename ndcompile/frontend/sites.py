@@ -27,7 +27,7 @@ from ndcompile.compress.kronecker import plan_mode_shapes
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.trace import node_shape
 
-__all__ = ["LinearSite", "ShapeOverrides", "find_linear_sites", "order_like"]
+__all__ = ["LinearSite", "ShapeOverrides", "find_linear_sites", "merged_modes", "order_like"]
 
 ShapeOverrides = Mapping[str, tuple[Sequence[int], Sequence[int]]]
 
@@ -48,6 +48,9 @@ class LinearSite:
         source: Where the modes came from: ``"override"``, ``"graph"``, ``"factored"``.
         rows: Rows (product of leading dims) per call in the example input.
         skip_reason: Why the site is not converted, or None.
+        kind: ``"Linear"``, ``"Conv1D"`` (transformers, weight stored transposed; ``module``
+            is then an ``nn.Linear`` holding a transposed copy) or ``"F.linear"``.
+        calls: Calls on the example input when the site was found without a graph.
     """
 
     name: str
@@ -58,6 +61,13 @@ class LinearSite:
     source: str = ""
     rows: int = 1
     skip_reason: str | None = None
+    kind: str = "Linear"
+    calls: int = 0
+
+    @property
+    def n_calls(self) -> int:
+        """How often the example input calls the layer."""
+        return len(self.nodes) or self.calls
 
     @property
     def convertible(self) -> bool:
@@ -90,19 +100,30 @@ def _graph_modes(node: fx.Node, n: int) -> tuple[int, ...] | None:
     )
     if not is_reshape or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    src, out = node_shape(node.args[0]), node_shape(node)
+    return merged_modes(node_shape(node.args[0]), node_shape(node), n)
+
+
+def merged_modes(
+    src: Sequence[int] | None, out: Sequence[int] | None, n: int
+) -> tuple[int, ...] | None:
+    """Modes a reshape from ``src`` to ``out`` merges into the last dim ``n``, if any.
+
+    ``(B, H, W, C) -> (B, H*W*C)`` merges ``(H, W, C)``; leading dims must be kept
+    as they are (they are batch dims), size-1 dims are dropped, and at least two
+    modes must remain.
+    """
     if src is None or out is None or not out or out[-1] != n:
         return None
-    lead = out[:-1]
-    if tuple(src[: len(lead)]) != tuple(lead):
+    lead = tuple(out[:-1])
+    if tuple(src[: len(lead)]) != lead:
         return None
-    modes = tuple(d for d in src[len(lead) :] if d != 1)
+    modes = tuple(int(d) for d in src[len(lead) :] if d != 1)
     if math.prod(modes) != n or len(modes) < 2:
         return None
     return modes
 
 
-def _tied_parameters(root: nn.Module) -> dict[int, list[str]]:
+def tied_parameters(root: nn.Module) -> dict[int, list[str]]:
     """Parameter id -> every qualified name it appears under."""
     names: dict[int, list[str]] = {}
     for mod_name, mod in root.named_modules(remove_duplicate=False):
@@ -117,7 +138,7 @@ def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] |
     return not (exclude and any(fnmatch.fnmatchcase(name, pat) for pat in exclude))
 
 
-def _check_override(name: str, module: nn.Linear, spec: object) -> tuple[tuple, tuple]:
+def check_override(name: str, module: nn.Linear, spec: object) -> tuple[tuple, tuple]:
     try:
         in_shape, out_shape = (tuple(int(v) for v in part) for part in spec)  # type: ignore[union-attr]
     except (TypeError, ValueError) as exc:
@@ -179,7 +200,7 @@ def find_linear_sites(
         raise NdCompileError(
             f"shapes overrides name layers that are not nn.Linear in the model: {unknown}"
         )
-    tied = _tied_parameters(gm)
+    tied = tied_parameters(gm)
     sites: dict[str, LinearSite] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -204,7 +225,10 @@ def find_linear_sites(
                 f"{type(module).__name__} subclasses nn.Linear; its forward may differ"
             )
             continue
-        _plan_site(site, x, shapes, include, exclude, n_modes, min_features, tied, name_prefix)
+        graph_modes = _graph_modes(x, module.in_features)
+        plan_site(
+            site, graph_modes, shapes, include, exclude, n_modes, min_features, tied, name_prefix
+        )
 
     called = set(sites)
     for name, module in gm.named_modules():
@@ -219,10 +243,10 @@ def find_linear_sites(
     return list(sites.values())
 
 
-def _plan_site(
+def plan_site(
     site: LinearSite,
-    x: fx.Node,
-    shapes: dict,
+    graph_modes: tuple[int, ...] | None,
+    shapes: Mapping[str, object],
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
     n_modes: int,
@@ -241,7 +265,7 @@ def _plan_site(
         site.skip_reason = f"weight is tied to {others}; converting would untie it"
         return
     if site.name in shapes:
-        site.in_shape, site.out_shape = _check_override(site.name, m, shapes[site.name])
+        site.in_shape, site.out_shape = check_override(site.name, m, shapes[site.name])
         site.source = "override"
         return
     if min(m.in_features, m.out_features) < min_features:
@@ -250,7 +274,7 @@ def _plan_site(
             f"min_features={min_features})"
         )
         return
-    modes = _graph_modes(x, m.in_features)
+    modes = graph_modes
     site.source = "graph"
     if modes is None:
         modes = plan_mode_shapes(m.in_features, n_modes)

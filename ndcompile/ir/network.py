@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ndcompile.errors import NdCompileError
+from ndcompile.ir.meta import PLAN
 from ndcompile.ir.program import ContractionProgram, compile_path
 
 __all__ = ["OPTIMIZERS", "NetworkPlan", "TensorNetwork", "check_optimizer"]
@@ -347,7 +348,7 @@ class TensorNetwork:
         proxies: list[Any] = [Proxy(inputs[t], tracer) for t in self.tensors]
         result = plan.program.run(*proxies)
         if isinstance(result, Proxy):
-            result.node.meta["ndcompile_plan"] = plan
+            result.node.meta[PLAN] = plan
             return result.node
         raise NdCompileError("emit: the network has no operations to emit")  # pragma: no cover
 

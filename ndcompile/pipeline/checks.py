@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch import nn
 
 from ndcompile.errors import NdCompileError
+from ndcompile.frontend.inputs import ExampleInputs, tensor_leaves
 from ndcompile.frontend.sites import LinearSite
+from ndcompile.ir.meta import INLINED_LAYERS
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.report import ConversionReport, LayerReport
 
@@ -21,15 +24,16 @@ __all__ = [
     "exact_tolerance",
     "fill_layer_stats",
     "layer_entry",
+    "reference_outputs",
     "relative_error",
+    "unchanged_state",
     "verify_outputs",
 ]
 
 
 def relative_error(reference: Any, candidate: Any) -> float:
     """``|a - b| / |a|`` over all tensor leaves of two (nested) outputs."""
-    ref = [t for t in tree_leaves(reference) if isinstance(t, Tensor)]
-    got = [t for t in tree_leaves(candidate) if isinstance(t, Tensor)]
+    ref, got = tensor_leaves(reference), tensor_leaves(candidate)
     if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got, strict=True)):
         raise NdCompileError(
             "converted model output structure differs from the original: "
@@ -46,7 +50,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def exact_tolerance(outputs: Any) -> float:
-    dtypes = {t.dtype for t in tree_leaves(outputs) if isinstance(t, Tensor)}
+    dtypes = {t.dtype for t in tensor_leaves(outputs)}
     if dtypes <= {torch.float64}:
         return 1e-10
     if dtypes & {torch.float16, torch.bfloat16}:
@@ -58,14 +62,14 @@ def layer_entry(site: LinearSite) -> LayerReport:
     m = site.module
     return LayerReport(
         name=site.name,
-        kind="Linear",
+        kind=site.kind,
         in_features=m.in_features,
         out_features=m.out_features,
         in_shape=site.in_shape,
         out_shape=site.out_shape,
         mode_source=site.source,
         params_before=sum(p.numel() for p in m.parameters()),
-        flops_before=2 * site.rows * m.in_features * m.out_features * len(site.nodes),
+        flops_before=2 * site.rows * m.in_features * m.out_features * site.n_calls,
         reason=site.skip_reason,
     )
 
@@ -78,7 +82,7 @@ def fill_layer_stats(
     entry.status = "converted"
     entry.rank = layer.rank
     entry.params_after = layer.num_parameters()
-    entry.flops_after = (plan.flops + (layer.out_features * site.rows)) * len(site.nodes)
+    entry.flops_after = (plan.flops + (layer.out_features * site.rows)) * site.n_calls
     entry.naive_flops = plan.naive_flops
     entry.largest_intermediate = plan.largest_intermediate
     entry.plan = str(layer.plan_choice() or plan)
@@ -87,7 +91,7 @@ def fill_layer_stats(
 def exact_entries(gm: fx.GraphModule) -> list[LayerReport]:
     """Report entries of the layers ``inline_ndlinear`` recorded in ``gm.meta``."""
     entries = []
-    for item in gm.meta.get("ndcompile_inlined", []):
+    for item in gm.meta.get(INLINED_LAYERS, []):
         layer = gm.get_submodule(item.name)
         assert isinstance(layer, NdLinear)
         plan = layer.plan()
@@ -114,23 +118,106 @@ def exact_entries(gm: fx.GraphModule) -> list[LayerReport]:
     return entries
 
 
-def verify_outputs(
-    gm: fx.GraphModule, inputs: tuple, reference: Any, report: ConversionReport, *, strict: bool
-) -> None:
-    """Run ``gm`` on the example; record the output error; raise if ``strict`` and it differs."""
+@contextlib.contextmanager
+def unchanged_state(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode and leave it exactly as it was.
+
+    Training flags are restored per module and every buffer (BatchNorm running
+    stats, spectral-norm vectors, ...) is put back, so checking a model against
+    its conversion never mutates the user's model.
+    """
+    flags = {m: m.training for m in model.modules()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b is not None}
+    model.eval()
     try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
         with torch.no_grad():
-            out = gm(*inputs)
+            for name, b in model.named_buffers():
+                saved = buffers.get(name)
+                if saved is not None and b is not None and b.shape == saved.shape:
+                    b.copy_(saved)
+
+
+def reference_outputs(model: nn.Module, example: ExampleInputs) -> Any:
+    """The model's output on the example, computed without changing the model.
+
+    Raises:
+        NdCompileError: If the model fails on the example input.
+    """
+    try:
+        with torch.no_grad(), unchanged_state(model):
+            return example(model)
+    except Exception as exc:
+        raise NdCompileError(
+            f"running the model on the example input {example.describe()} failed: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}",
+            layer=type(model).__name__,
+            hint="give an example input the model accepts: a tensor, a tuple (positional), "
+            "a dict (keyword arguments) or (args, kwargs)",
+        ) from exc
+
+
+def _nonfinite(value: Any) -> bool:
+    return any(
+        not bool(torch.isfinite(t).all()) for t in tensor_leaves(value) if t.is_floating_point()
+    )
+
+
+def verify_outputs(
+    model: nn.Module,
+    example: ExampleInputs,
+    reference: Any,
+    report: ConversionReport,
+    *,
+    strict: bool,
+) -> None:
+    """Run the converted ``model`` on the example and record the output error.
+
+    Every tensor of the output is compared (tuples, dicts, dataclasses,
+    ``ModelOutput``). Both models run in eval mode, so Dropout cannot make an exact
+    conversion look wrong.
+
+    Raises:
+        NdCompileError: If the converted model fails, its output has another
+            structure, holds NaN/inf where the original does not, or (``strict``)
+            differs beyond fp tolerance.
+    """
+    try:
+        with torch.no_grad(), unchanged_state(model):
+            out = example(model)
     except Exception as exc:
         raise NdCompileError(
             f"the converted model fails on the example input: {type(exc).__name__}: {exc}",
             hint="please report this with the model; pass verify=False to skip the check",
         ) from exc
+    ref_leaves, got_leaves = tensor_leaves(reference), tensor_leaves(out)
+    if not ref_leaves:
+        report.notes.append(
+            f"the model's output ({type(reference).__name__}) holds no tensors: "
+            "nothing was compared"
+        )
+        if strict:
+            raise NdCompileError(
+                f"cannot verify the conversion: the model's output ({type(reference).__name__}) "
+                "holds no tensors",
+                hint="return tensors (in tuples, dicts or dataclasses), or pass verify=False",
+            )
+        return
+    ref_shapes = [tuple(t.shape) for t in ref_leaves]
+    got_shapes = [tuple(t.shape) for t in got_leaves]
+    if ref_shapes != got_shapes:
+        raise NdCompileError(f"converted output shapes {got_shapes} != original {ref_shapes}")
+    if _nonfinite(out) and not _nonfinite(reference):
+        raise NdCompileError(
+            "the converted model outputs NaN or inf on the example input (the original does not)",
+            hint="check alpha=, rank= and the example input; pass verify=False to skip the check",
+        )
+    if _nonfinite(reference):
+        report.notes.append("the original model's output holds NaN or inf on the example input")
     if report.mode == "fresh":
-        ref_shapes = [tuple(t.shape) for t in tree_leaves(reference) if isinstance(t, Tensor)]
-        got_shapes = [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, Tensor)]
-        if ref_shapes != got_shapes:
-            raise NdCompileError(f"converted output shapes {got_shapes} != original {ref_shapes}")
         report.notes.append("fresh layers are newly initialised: outputs differ until trained")
         return
     err = relative_error(reference, out)

@@ -6,6 +6,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
+from ndcompile.ir.meta import LEAD_SOURCE, PLAN, REGION
 from ndcompile.layers.ndlinear import NdLinear, apply_ndlinear, mode_bias
 
 __all__ = ["LEAD_SOURCE", "emit_ndlinear", "replace_call", "set_submodule"]
@@ -20,7 +21,6 @@ def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
 
 #: ``node.meta`` key: ``(node, k, f)``: this node has ``f`` feature dims and its leading
 #: dims are ``node.shape[:-k]``.
-LEAD_SOURCE = "ndcompile_lead_source"
 
 
 def emit_ndlinear(
@@ -44,7 +44,7 @@ def emit_ndlinear(
         flat_input: True when ``x`` is ``(*, prod d)`` (an ``nn.Linear`` site).
 
     Returns:
-        The output node; ``meta["ndcompile_plan"]`` holds the plan.
+        The output node; ``meta[PLAN]`` holds the plan.
     """
     tracer = GraphAppendingTracer(gm.graph)
     before = set(gm.graph.nodes)
@@ -79,12 +79,12 @@ def emit_ndlinear(
         lead=lead,
         lowrank=lowrank,
     )
-    out.node.meta["ndcompile_plan"] = layer.plan()
+    out.node.meta[PLAN] = layer.plan()
     out.node.meta[LEAD_SOURCE] = (source, k, 1 if flat_input else len(layer.out_shape))
     # One inlined layer is one contraction source for fuse_contractions.
     for node in gm.graph.nodes:
         if node not in before:
-            node.meta["ndcompile_region"] = f"{qualname}@{out.node.name}"
+            node.meta[REGION] = f"{qualname}@{out.node.name}"
     return out.node
 
 

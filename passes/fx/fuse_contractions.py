@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ndcompile.errors import NdCompileError
+from ndcompile.ir.meta import FUSED_REGION, FUSED_REGIONS, NODE_SHAPE, REGION
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.passes.regions.analysis import (
     EINSUMS,
@@ -82,7 +83,7 @@ def _data_users(node: fx.Node) -> list[fx.Node]:
 
 def lift_regions(gm: fx.GraphModule) -> dict[fx.Node, LinVal]:
     """Values of the region *outputs* of ``gm`` (nodes whose value leaves a region)."""
-    if not any("ndcompile_shape" in n.meta for n in gm.graph.nodes):
+    if not any(NODE_SHAPE in n.meta for n in gm.graph.nodes):
         raise NdCompileError(
             "fuse_contractions needs shapes: run "
             "ndcompile.passes.regions.analysis.annotate_shapes(gm, example_inputs) first"
@@ -95,7 +96,7 @@ def lift_regions(gm: fx.GraphModule) -> dict[fx.Node, LinVal]:
             raise RegionError("non-tensor operand")
         if arg in values and len(_data_users(arg)) == 1:
             return _copy(values[arg])
-        shape = arg.meta.get("ndcompile_shape")
+        shape = arg.meta.get(NODE_SHAPE)
         meta = arg.meta.get("tensor_meta")
         if shape is None or meta is None or not hasattr(meta, "shape"):
             raise RegionError("operand without shape")
@@ -118,7 +119,7 @@ def lift_regions(gm: fx.GraphModule) -> dict[fx.Node, LinVal]:
 
 
 def _tags(gm: fx.GraphModule, node: fx.Node) -> set[tuple[str, str]]:
-    region = node.meta.get("ndcompile_fused_region", node.meta.get("ndcompile_region"))
+    region = node.meta.get(FUSED_REGION, node.meta.get(REGION))
     target = node.target
     if node.op == "call_module" or target in CONTRACTIONS:
         # An emitted layer or fused region counts as one source however many ops it has.
@@ -186,8 +187,8 @@ def fuse_contractions(gm: fx.GraphModule, *, optimizer: str = "auto") -> PassRes
     """Rewrite each linear region with >= 2 contractions (or a contraction plus
     layout ops) into one planned contraction, when that does not add FLOPs.
 
-    Requires ``meta["ndcompile_shape"]`` (see ``annotate_shapes``). Fused regions are
-    recorded in ``gm.meta["ndcompile_fused"]``.
+    Requires ``meta[NODE_SHAPE]`` (see ``annotate_shapes``). Fused regions are
+    recorded in ``gm.meta[FUSED_REGIONS]``.
 
     Returns:
         ``PassResult(gm, modified)``.
@@ -221,17 +222,15 @@ def fuse_contractions(gm: fx.GraphModule, *, optimizer: str = "auto") -> PassRes
         gm.graph.erase_node(marker)
         for n in gm.graph.nodes:
             if n not in new_nodes_before:
-                index = len(gm.meta.get("ndcompile_fused", [])) + len(fused)
-                n.meta["ndcompile_fused_region"] = f"fused#{index}"
-                n.meta.pop("ndcompile_region", None)
-        out.meta.update(
-            {k: v for k, v in node.meta.items() if k in ("tensor_meta", "ndcompile_shape")}
-        )
+                index = len(gm.meta.get(FUSED_REGIONS, [])) + len(fused)
+                n.meta[FUSED_REGION] = f"fused#{index}"
+                n.meta.pop(REGION, None)
+        out.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", NODE_SHAPE)})
         node.replace_all_uses_with(out)
         fused.append(region)
     if fused:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
-        gm.meta.setdefault("ndcompile_fused", []).extend(fused)
+        gm.meta.setdefault(FUSED_REGIONS, []).extend(fused)
     return PassResult(gm, bool(fused))

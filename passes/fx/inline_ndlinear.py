@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ndcompile.frontend.trace import is_reference_ndlinear
+from ndcompile.ir.meta import INLINED_LAYERS
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.passes.fx.emit import replace_call, set_submodule
 
@@ -51,7 +52,7 @@ def inline_ndlinear(gm: fx.GraphModule, *, optimizer: str = "auto") -> PassResul
     """Replace ``call_module`` NdLinear nodes by their planned contraction.
 
     Each layer is planned for the rows it sees in the shape-propagated graph (if
-    available). Inlined layers are recorded in ``gm.meta["ndcompile_inlined"]``.
+    available). Inlined layers are recorded in ``gm.meta[INLINED_LAYERS]``.
 
     Args:
         gm: A traced graph module (modified in place).
@@ -79,7 +80,7 @@ def inline_ndlinear(gm: fx.GraphModule, *, optimizer: str = "auto") -> PassResul
             rows = _rows(node, layer)
             layer.replan(optimizer=optimizer, plan_batch=rows)
             converted[node.target] = layer
-            gm.meta.setdefault("ndcompile_inlined", []).append(
+            gm.meta.setdefault(INLINED_LAYERS, []).append(
                 InlinedLayer(node.target, kind, params, rows)
             )
         replace_call(gm, node, node.target, layer, flat_input=layer.flat)

@@ -9,7 +9,7 @@ reshape regroups atomic indices (splitting one where needed, e.g. ``12 -> 3 x 4`
 and scalar ``mul``/``div`` combine terms. Anything else ends the region: its
 result is a leaf.
 
-Shapes come from ``node.meta["ndcompile_shape"]`` (a tuple of ints, ``-1`` for a
+Shapes come from ``node.meta[NODE_SHAPE]`` (a tuple of ints, ``-1`` for a
 dim whose size varies at run time), filled by :func:`annotate_shapes` for traced
 graphs or by the dynamo backend from FakeTensor metadata.
 """
@@ -28,6 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from ndcompile.ir.meta import NODE_SHAPE, NODE_SHAPE_GROWN
 
 __all__ = ["Leaf", "LinVal", "RegionError", "Term", "annotate_shapes", "lift_node"]
 
@@ -99,12 +101,12 @@ class _DynamicProp(ShapeProp):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
-            n.meta["ndcompile_shape_b"] = tuple(result.shape)
+            n.meta[NODE_SHAPE_GROWN] = tuple(result.shape)
         return result
 
 
 def annotate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
-    """Set ``meta["ndcompile_shape"]``: example shapes with ``-1`` for dims that may vary.
+    """Set ``meta[NODE_SHAPE]``: example shapes with ``-1`` for dims that may vary.
 
     The graph is re-run with each input dim grown by one in turn (the batch, a
     sequence length, ...); dims of any node whose size changes in a run the model
@@ -129,7 +131,7 @@ def annotate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None
                 except Exception:  # the model rejects this size: the dim is fixed
                     continue
                 for node, shape in base.items():
-                    seen = node.meta.pop("ndcompile_shape_b", shape)
+                    seen = node.meta.pop(NODE_SHAPE_GROWN, shape)
                     if len(seen) != len(shape):
                         changed = set(range(len(shape)))
                     else:
@@ -139,16 +141,14 @@ def annotate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None
                     varying.setdefault(node, set()).update(changed)
         ShapeProp(gm).propagate(*example_inputs)
     for node in gm.graph.nodes:
-        node.meta.pop("ndcompile_shape_b", None)
+        node.meta.pop(NODE_SHAPE_GROWN, None)
         meta = node.meta.get("tensor_meta")
         shape = getattr(meta, "shape", None)
         if shape is None:
-            node.meta.pop("ndcompile_shape", None)
+            node.meta.pop(NODE_SHAPE, None)
             continue
         dyn = varying.get(node, set())
-        node.meta["ndcompile_shape"] = tuple(
-            -1 if k in dyn else int(a) for k, a in enumerate(shape)
-        )
+        node.meta[NODE_SHAPE] = tuple(-1 if k in dyn else int(a) for k, a in enumerate(shape))
 
 
 def _nominal_shape(node: fx.Node) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ndcompile.ir.meta import NODE_SHAPE
 from ndcompile.passes.regions.analysis import (
     EINSUMS,
     LINEARS,
@@ -36,8 +37,8 @@ ValueOf = Callable[[Any], LinVal]
 
 
 def node_dyn(node: fx.Node) -> tuple[int, ...]:
-    """``meta["ndcompile_shape"]`` (``-1`` marks batch-varying dims)."""
-    shape = node.meta.get("ndcompile_shape")
+    """``meta[NODE_SHAPE]`` (``-1`` marks batch-varying dims)."""
+    shape = node.meta.get(NODE_SHAPE)
     if shape is None:
         raise RegionError(f"no shape for {node.format_node()}")
     return tuple(shape)

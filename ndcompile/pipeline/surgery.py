@@ -1,0 +1,207 @@
+"""``convert(..., output="module")``: module surgery on a copy of the user's model.
+
+Phases:
+
+1. **capture** the copy on the example (:func:`~ndcompile.frontend.capture.capture_linear_calls`:
+   torch.export, forward hooks where export fails) and **plan** a site per
+   Linear-like layer (:func:`~ndcompile.frontend.module_sites.plan_module_sites`);
+2. **fit**: the mode builds each replacement (fresh init, Kronecker fit on the
+   weights and the layer's inputs, adapter);
+3. **install** each at the layer's qualified name, keeping the layer's hooks and
+   trainability, so the result is the user's own class (``generate``, ``config``,
+   ``save_pretrained``, custom methods) with readable ``state_dict`` keys;
+4. **verify** against the original on the example.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from ndcompile.backends.pretrained import record_in_config
+from ndcompile.compress.layer_fits import capture_grams, capture_inputs
+from ndcompile.errors import NdCompileError
+from ndcompile.frontend.capture import Capture, capture_linear_calls
+from ndcompile.frontend.inputs import ExampleInputs
+from ndcompile.frontend.module_sites import plan_module_sites
+from ndcompile.frontend.sites import LinearSite
+from ndcompile.frontend.trace import is_reference_ndlinear
+from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.passes.fx.emit import set_submodule
+from ndcompile.pipeline.checks import (
+    count_parameters,
+    layer_entry,
+    reference_outputs,
+    verify_outputs,
+)
+from ndcompile.pipeline.modes import FitData, Mode, get_mode
+from ndcompile.pipeline.options import ConvertOptions
+from ndcompile.report import ConversionReport, LayerReport
+
+__all__ = ["convert_module", "install_layer"]
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def install_layer(root: nn.Module, name: str, new: nn.Module) -> list[str]:
+    """Replace the submodule ``name`` of ``root`` by ``new``, keeping its hooks.
+
+    Forward (pre-)hooks see the same ``(*, in_features)``/``(*, out_features)``
+    tensors as before, so they move to the new layer. A frozen layer stays frozen.
+
+    Returns:
+        A note per kind of hook moved (empty when the layer had none).
+    """
+    old = root.get_submodule(name)
+    notes = []
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr, None)
+        if hooks:
+            getattr(new, attr).update(hooks)
+            notes.append(f"{name}: kept {len(hooks)} {attr.strip('_').replace('_', ' ')}")
+    weight = getattr(old, "weight", None)
+    if weight is not None and not weight.requires_grad and not _is_adapter(new):
+        new.requires_grad_(False)
+    set_submodule(root, name, new)
+    return notes
+
+
+def _is_adapter(module: nn.Module) -> bool:
+    return hasattr(module, "adapter") and isinstance(module.adapter, NdLinear)
+
+
+def _capture(work: nn.Module, example: ExampleInputs, report: ConversionReport) -> Capture:
+    capture = capture_linear_calls(work, example)
+    if capture.fallback_reason is not None:
+        report.notes.append(
+            f"torch.export could not capture {type(work).__name__} "
+            f"({capture.fallback_reason}); layers were found by running it with forward "
+            "hooks (modes come from the feature sizes; functional calls are not seen)"
+        )
+    return capture
+
+
+def _fit_data(
+    work: nn.Module, sites: list[LinearSite], example: ExampleInputs, opts: ConvertOptions
+) -> FitData:
+    names = [s.name for s in sites if s.convertible]
+    if not names:
+        return FitData()
+    data = FitData(inputs=capture_inputs(work, names, example))
+    if opts.calibration is not None:
+        data.grams = capture_grams(work, names, opts.calibration)
+    return data
+
+
+def _exact(work: nn.Module, report: ConversionReport, opts: ConvertOptions) -> None:
+    """Module-level exact rewrites: reference NdLinear layers become planned NdLinears."""
+    for name, module in list(work.named_modules()):
+        if name and is_reference_ndlinear(module):
+            layer = NdLinear.from_reference(module, optimizer=opts.optimizer)
+            report.layers.append(
+                LayerReport(
+                    name=name,
+                    kind="ndlinear.NdLinear",
+                    status="inlined",
+                    in_features=layer.in_features,
+                    out_features=layer.out_features,
+                    in_shape=layer.in_shape,
+                    out_shape=layer.out_shape,
+                    mode_source="layer",
+                    rank=1,
+                    params_before=sum(p.numel() for p in module.parameters()),
+                    params_after=layer.num_parameters(),
+                    plan=str(layer.plan_choice() or layer.plan()),
+                )
+            )
+            report.notes.extend(install_layer(work, name, layer))
+    report.notes.append(
+        "fusing connected linear regions and removing transposes need a graph: "
+        "convert(..., mode='exact', output='graph') when the model traces with torch.fx"
+    )
+
+
+def _convert_sites(
+    work: nn.Module,
+    mode: Mode,
+    example: ExampleInputs,
+    report: ConversionReport,
+    opts: ConvertOptions,
+) -> None:
+    capture = _capture(work, example, report)
+    sites = plan_module_sites(
+        work,
+        capture,
+        shapes=opts.shapes,
+        include=opts.include,
+        exclude=opts.exclude,
+        n_modes=opts.n_modes,
+        min_features=opts.min_features,
+    )
+    opts.check_layer_names(s.name for s in sites)
+    entries = {site.name: layer_entry(site) for site in sites}
+    report.layers.extend(entries.values())
+    for site in sites:
+        if site.convertible:
+            reason = mode.skip_reason(site, opts)
+            if reason is not None:
+                site.skip_reason = entries[site.name].reason = reason
+    data = _fit_data(work, sites, example, opts) if mode.needs_fit_data else FitData()
+    for site in sites:
+        if not site.convertible:
+            continue
+        layer = mode.make_layer(site, entries[site.name], opts, data)
+        if isinstance(layer, NdLinear):
+            layer.flat = True
+        report.notes.extend(install_layer(work, site.name, layer))
+    report.notes.append(f"layers found with {capture.method}")
+
+
+def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOptions) -> nn.Module:
+    """Convert a deep copy of ``model`` by replacing its Linear-like layers in place.
+
+    Args:
+        model: The user's model (never modified).
+        example: The example call.
+        opts: Validated options.
+
+    Returns:
+        The copy (the user's class) with converted layers and a ``report``.
+    """
+    mode = get_mode(opts.mode)
+    reference = reference_outputs(model, example) if opts.verify else None
+    report = ConversionReport(
+        mode=opts.mode,
+        params_before=count_parameters(model),
+        output="module",
+        options=opts.to_json(),
+    )
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:
+        raise NdCompileError(
+            f"cannot copy {type(model).__name__} (convert never modifies your model, so it "
+            f"converts a deep copy): {type(exc).__name__}: {exc}",
+            layer=type(model).__name__,
+            hint="make the model deep-copyable (no open files, locks or generators as attributes)",
+        ) from exc
+    if mode.replaces_sites:
+        _convert_sites(work, mode, example, report, opts)
+    else:
+        _exact(work, report, opts)
+    mode.finish(work, opts)
+    record_in_config(work, opts.mode)
+    report.params_after = count_parameters(work)
+    if opts.verify:
+        verify_outputs(work, example, reference, report, strict=mode.strict(opts))
+    work.report = report  # type: ignore[assignment]
+    return work
