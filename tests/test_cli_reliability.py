@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -48,7 +49,9 @@ def pickled_payload(canary: Path) -> bytes:
 def rewrite_archive(src: Path, dst: Path, edit: Callable[[str, bytes], bytes | None]) -> None:
     """Copy a zip archive, passing each record (name without the root folder) through ``edit``.
 
-    ``edit`` returns the new content, or ``None`` to drop the record.
+    ``edit`` returns the new content, or ``None`` to drop the record; it is also asked
+    for the records ``"<extra>"`` (native code) and ``"<constant>"`` (an opaque constant)
+    to add.
     """
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         root = zin.namelist()[0].split("/", 1)[0]
@@ -59,6 +62,9 @@ def rewrite_archive(src: Path, dst: Path, edit: Callable[[str, bytes], bytes | N
         extra = edit("<extra>", b"")
         if extra:
             zout.writestr(f"{root}/data/aotinductor/model/model.so", extra)
+        constant = edit("<constant>", b"")
+        if constant:
+            zout.writestr(f"{root}/data/constants/opaque_obj_0", constant)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +110,22 @@ def _eval_in_shape_expression(canary: Path) -> Callable[[str, bytes], bytes | No
     return edit
 
 
+def _pickled_constant(canary: Path) -> Callable[[str, bytes], bytes | None]:
+    def edit(name: str, data: bytes) -> bytes | None:
+        if name.endswith("_constants_config.json"):
+            meta = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
+                    "tensor_meta": None}  # fmt: skip
+            return json.dumps({"config": {"lut": meta}}).encode()
+        return data
+
+    def add(name: str, data: bytes) -> bytes | None:
+        if name == "<constant>":
+            return pickle.dumps(CreatesFile(canary))
+        return None if name == "<extra>" else edit(name, data)
+
+    return add
+
+
 def _native_code(canary: Path) -> Callable[[str, bytes], bytes | None]:
     return lambda name, data: b"\x7fELF" if name == "<extra>" else data
 
@@ -116,6 +138,7 @@ CRAFTED = {
     "pickled weight": (_pickled_weight, "weight '0.weight' is pickled"),
     "pickled sample inputs": (_pickled_sample_inputs, "sample inputs need arbitrary unpickling"),
     "eval in a shape expression": (_eval_in_shape_expression, "not plain arithmetic"),
+    "pickled constant": (_pickled_constant, "constant 'lut' is pickled"),
     "native code": (_native_code, "contains native code"),
     "legacy format": (_legacy_format, "not in the current .pt2 format"),
 }
@@ -129,9 +152,10 @@ def test_inspect_refuses_pt2_that_would_run_code(
     canary = tmp_path / "payload-ran"
     crafted = tmp_path / "crafted.pt2"
     rewrite_archive(good_pt2, crafted, make_edit(canary))
-    assert main(["inspect", str(crafted)]) == EXIT_USAGE
+    code = main(["inspect", str(crafted)])
     err = capsys.readouterr().err
     assert not canary.exists(), "the payload ran"
+    assert code == EXIT_USAGE, err
     assert err.startswith("ndcompile: error: ") and err.count("\n") == 1, err
     assert "refused for safety" in err and reason in err, err
 
