@@ -457,6 +457,7 @@ class NdLinear(nn.Module):
         bias = {True: "full", False: "none", "modes": "modes"}[self.bias_kind]
         extra = f", lowrank={self.lowrank}" if self.lowrank else ""
         extra += ", flat=True" if self.flat else ""
+        extra += ", recompute=False" if not self.recompute else ""
         return (
             f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}, "
             f"bias={bias}{extra}"
