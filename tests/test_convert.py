@@ -262,8 +262,7 @@ def test_bad_options_raise(token_mlp, kwargs, match: str) -> None:
 
 
 def test_wrong_example_input_without_verify(token_mlp) -> None:
-    match = r"example input \(Tensor\(2, 63, float32\)\)"
-    with pytest.raises(NdCompileError, match=match) as info:
+    with pytest.raises(NdCompileError, match=r"example input \[\(2, 63\)\]") as info:
         convert(token_mlp(), torch.randn(2, 63), verify=False)
     assert info.value.hint
 

@@ -87,7 +87,7 @@ def test_fallback_converts_traceable_submodules(case: str) -> None:
     model = cls()
     before = state(model)
     x = torch.randn(4, 64)
-    result = convert(model, x, mode="fresh")
+    result = convert(model, x, mode="fresh", output="graph")
 
     assert type(result) is cls and result is not model
     assert_same_state(state(model), before)
@@ -110,14 +110,14 @@ def test_fallback_converts_traceable_submodules(case: str) -> None:
 
 
 def test_nested_fallback_names_the_real_parent() -> None:
-    result = convert(NestedUntraceable(), torch.randn(4, 64), mode="fresh")
+    result = convert(NestedUntraceable(), torch.randn(4, 64), mode="fresh", output="graph")
     assert "'gate'" in (result.report.layer("gate.head").reason or "")
 
 
 @pytest.mark.parametrize("cls", [DataDependent, NestedUntraceable, KeywordCall])
 def test_no_fallback_raises_untraceable_error(cls: type[nn.Module]) -> None:
     with pytest.raises(UntraceableError, match=rf"cannot trace {cls.__name__}") as info:
-        convert(cls(), torch.randn(4, 64), fallback=False)
+        convert(cls(), torch.randn(4, 64), fallback=False, output="graph")
     assert isinstance(info.value, NdCompileError)
     assert info.value.layer == cls.__name__
     assert "control flow" in str(info.value) and info.value.hint
@@ -148,11 +148,11 @@ BAD_INPUTS = {
         r"example input \[\(2, 64\), \(2, 64\)\]",
     ),
     "untraceable, fallback=False": (
-        lambda: convert(DataDependent(), torch.randn(2, 64), fallback=False),
+        lambda: convert(DataDependent(), torch.randn(2, 64), fallback=False, output="graph"),
         r"cannot trace DataDependent with torch.fx: TraceError",
     ),
     "untraceable, bad input": (
-        lambda: convert(DataDependent(), torch.randn(2, 63), verify=False),
+        lambda: convert(DataDependent(), torch.randn(2, 63), verify=False, output="graph"),
         r"\[DataDependent\] the model fails on the example input",
     ),
     "unknown mode": (
@@ -217,7 +217,7 @@ def test_linear_without_bias(bias: bool) -> None:
 def test_linear_called_twice_becomes_one_ndlinear() -> None:
     model = TiedTwice().double()
     x = torch.randn(5, 64, dtype=torch.float64)
-    gm = convert(model, x, mode="fresh")
+    gm = convert(model, x, mode="fresh", output="graph")
     layer = gm.get_submodule("fc")
     assert isinstance(layer, NdLinear)
     assert [e.name for e in gm.report.layers] == ["fc"]
@@ -248,7 +248,7 @@ def test_weight_shared_with_embedding_is_skipped() -> None:
 def test_multihead_attention_model_converts_and_runs() -> None:
     model = WithAttention()
     x = torch.randn(2, 5, 64)
-    gm = convert(model, x, mode="fresh")
+    gm = convert(model, x, mode="fresh", output="graph")
     assert gm.report.layer("fc").status == "converted"
     out_proj = gm.report.layer("attn.out_proj")
     assert out_proj.status == "skipped" and "'attn'" in (out_proj.reason or "")
@@ -539,7 +539,7 @@ def test_exact_conversion_of_converted_model_is_noop(source_mode: str) -> None:
     model = TokenMLP().double()
     x = torch.randn(3, 5, 64, dtype=torch.float64)
     kwargs = {"rank": 2} if source_mode == "factorize" else {}
-    gm = convert(model, x, mode=source_mode, **kwargs)
+    gm = convert(model, x, mode=source_mode, output="graph", **kwargs)
     again = convert(gm, x, mode="exact")
     assert rel_error(gm(x), again(x)) < 1e-12
     assert sorted(n for n, _ in again.named_modules()) == sorted(n for n, _ in gm.named_modules())

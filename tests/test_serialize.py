@@ -87,7 +87,7 @@ ROUND_TRIPS = [
 def _convert(kind: str, **kwargs: Any) -> tuple[fx.GraphModule, torch.Tensor]:
     torch.manual_seed(0)
     model, x = _make(kind), EXAMPLES[kind]()
-    return ndcompile.convert(model, x, **kwargs), x
+    return ndcompile.convert(model, x, output="graph", **kwargs), x
 
 
 @pytest.mark.parametrize(("kind", "kwargs"), ROUND_TRIPS)
@@ -202,7 +202,6 @@ TAMPERED = [
     (_swap_modes, r"fc1\.factors\.0.*has shape"),
     (_drop_bias, r"tensor 'fc1\.bias' is missing"),
     (_drop_other, r"missing tensors \['head\.weight'\]"),
-    (_mixed_ranks, "different ranks"),
     (_add_lowrank, "low-rank residual"),
     (_bad_bias_kind, "unknown bias kind"),
 ]
@@ -216,6 +215,14 @@ def test_tampered_files_give_clear_errors(
     path = _rewrite(save(gm, tmp_path / "m.safetensors"), edit)
     with pytest.raises(NdCompileError, match=message):
         load(path, ImageMLP())
+
+
+def test_per_layer_ranks_load(tmp_path: Path) -> None:
+    gm, _ = _convert("mlp", mode="fresh")
+    path = _rewrite(save(gm, tmp_path / "m.safetensors"), _mixed_ranks)
+    restored = load(path, ImageMLP())
+    assert restored.get_submodule("fc2").rank == 2
+    assert restored.get_submodule("fc1").rank == 1
 
 
 def test_unedited_rewrite_loads(tmp_path: Path) -> None:
@@ -272,7 +279,7 @@ def test_load_does_not_touch_the_model(tmp_path: Path) -> None:
 def test_partially_converted_save_needs_the_example(tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 32)
-    gm = ndcompile.convert(SmallUntraceable(), x, mode="fresh", rank=2)
+    gm = ndcompile.convert(SmallUntraceable(), x, mode="fresh", rank=2, output="graph")
     assert not isinstance(gm, fx.GraphModule)
     with pytest.raises(NdCompileError, match="example_input"):
         save(gm, tmp_path / "p.safetensors")
@@ -284,7 +291,7 @@ def test_partially_converted_save_needs_the_example(tmp_path: Path) -> None:
 def test_partially_converted_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 32)
-    gm = ndcompile.convert(SmallUntraceable(), x, mode="fresh", rank=2)
+    gm = ndcompile.convert(SmallUntraceable(), x, mode="fresh", rank=2, output="graph")
     path = save(gm, tmp_path / "p.safetensors", example_input=x)
     restored = load(path, SmallUntraceable())
     assert type(restored) is SmallUntraceable

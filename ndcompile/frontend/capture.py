@@ -53,6 +53,7 @@ class LinearCall:
         input_shape: Shape of the input at the call (features last).
         graph_modes: Modes merged by a reshape right before the call, or None.
         param: Name of the weight parameter inside the module.
+        caller: Qualified name of the module whose forward made the call.
     """
 
     name: str
@@ -60,6 +61,7 @@ class LinearCall:
     input_shape: tuple[int, ...]
     graph_modes: tuple[int, ...] | None = None
     param: str = "weight"
+    caller: str | None = None
 
 
 @dataclass
@@ -211,7 +213,7 @@ def _describe_call(
         src = x.args[0].meta.get("val")  # type: ignore[union-attr]
         if isinstance(src, Tensor):
             modes = merged_modes(tuple(int(d) for d in src.shape), shape, shape[-1])
-    return LinearCall(owner, kind or "F.linear", shape, modes, param)
+    return LinearCall(owner, kind or "F.linear", shape, modes, param, caller)
 
 
 def _hook_calls(model: nn.Module, example: ExampleInputs) -> Capture:

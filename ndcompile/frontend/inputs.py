@@ -48,17 +48,26 @@ class ExampleInputs:
         return tensor_leaves((self.args, self.kwargs))
 
     def describe(self) -> str:
-        """A one-line summary: shapes and dtypes, never tensor contents."""
-        parts = [describe_value(a) for a in self.args]
-        parts += [f"{k}={describe_value(v)}" for k, v in self.kwargs.items()]
-        return "(" + ", ".join(parts) + ")"
+        """A one-line summary of shapes (and non-float32 dtypes), never tensor contents.
+
+        ``[(2, 64)]`` for ``model(x)``; ``{'input_ids': (2, 16) int64}`` for keywords.
+        """
+        parts = []
+        if self.args or not self.kwargs:
+            parts.append("[" + ", ".join(describe_value(a) for a in self.args) + "]")
+        if self.kwargs:
+            items = ", ".join(f"{k!r}: {describe_value(v)}" for k, v in self.kwargs.items())
+            parts.append("{" + items + "}")
+        return ", ".join(parts)
 
 
 def describe_value(value: Any) -> str:
-    """``Tensor(2, 16, int64)`` for a tensor; a short repr for anything else."""
+    """``(2, 16)`` for a float32 tensor, ``(2, 16) int64`` otherwise; a short repr else."""
     if isinstance(value, Tensor):
-        dims = ", ".join(str(d) for d in value.shape)
-        return f"Tensor({dims}{', ' if dims else ''}{str(value.dtype).removeprefix('torch.')})"
+        shape = str(tuple(value.shape))
+        if value.dtype != torch.float32:
+            shape += " " + str(value.dtype).removeprefix("torch.")
+        return shape
     if isinstance(value, tuple | list):
         inner = ", ".join(describe_value(v) for v in value)
         return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"

@@ -83,7 +83,8 @@ def plan_module_sites(
     unknown = sorted(set(shapes or {}) - set(layers))
     if unknown:
         raise NdCompileError(
-            f"shapes overrides name layers that are not Linear-like in the model: {unknown}",
+            f"shapes overrides name layers that are not nn.Linear in the model: {unknown} "
+            "(Linear-like layers are nn.Linear and transformers Conv1D)",
             hint=f"valid names: {', '.join(sorted(layers)) or '(none)'}",
         )
     tied = tied_parameters(model)
@@ -133,7 +134,11 @@ def _site(
         how = "(captured with torch.export)" if capture.method == "torch.export" else ""
         site.skip_reason = f"not called on the example input {how}".strip()
     elif any(c.kind == "F.linear" for c in found):
-        site.skip_reason = "its weight is also used by a functional call (F.linear)"
+        caller = next(c.caller for c in found if c.kind == "F.linear") or "<root>"
+        site.skip_reason = (
+            f"its weight is used by F.linear inside {caller!r}, not through its own forward: "
+            "replacing the module would not change that call"
+        )
     elif kind == "Linear" and type(module) is not nn.Linear:
         site.skip_reason = f"{type(module).__name__} subclasses nn.Linear; its forward may differ"
     return site

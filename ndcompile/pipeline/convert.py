@@ -224,13 +224,15 @@ def convert_graph(
                 layer=type(model).__name__,
                 hint="use output='module' (the default), which calibrates any model",
             ) from exc
-        sub = dataclasses.replace(opts, verify=False)
+        def convert_child(name: str, module: nn.Module, args: tuple[Any, ...]) -> nn.Module:
+            prefix = f"{name_prefix}{name}."
+            sub = dataclasses.replace(opts, verify=False, rank=_ranks_under(opts.rank, prefix))
+            return convert_graph(module, ExampleInputs(args), sub, name_prefix=prefix)
+
         result = convert_partially(
             work,
             inputs,
-            lambda name, module, args: convert_graph(
-                module, ExampleInputs(args), sub, name_prefix=f"{name_prefix}{name}."
-            ),
+            convert_child,
             report,
             str(exc).splitlines()[0],
             name_prefix=name_prefix,
@@ -252,6 +254,13 @@ def convert_graph(
     # GraphModule.__deepcopy__ keeps attributes listed here.
     gm.meta.setdefault("_user_preserved_attributes", {})["report"] = report
     return result
+
+
+def _ranks_under(rank: Any, prefix: str) -> Any:
+    """A ``{layer: rank}`` mapping restricted to ``prefix`` (names made relative to it)."""
+    if not isinstance(rank, Mapping):
+        return rank
+    return {k[len(prefix) :]: v for k, v in rank.items() if k.startswith(prefix)}
 
 
 def _rewrite_sites(

@@ -23,7 +23,6 @@ keyed on (network, shapes, dtype, device, threads, torch version).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import time
@@ -36,7 +35,8 @@ import torch
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.ir.program import ContractionProgram
 from ndcompile.ir.terms import sum_of_terms
-from ndcompile.planner.machine import MachineModel, cache_dir, machine_model
+from ndcompile.planner.cache import autotune_cache
+from ndcompile.planner.machine import MachineModel, machine_model
 
 __all__ = ["Candidate", "PlanChoice", "estimate_us", "groupings", "plan_ndlinear"]
 
@@ -215,24 +215,11 @@ def _autotune_key(
 
 
 def _load_cache() -> dict[str, str]:
-    path = cache_dir() / "autotune.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    return autotune_cache().load()
 
 
 def _store_cache(key: str, label: str) -> None:
-    cache = _load_cache()
-    cache[key] = label
-    path = cache_dir() / "autotune.json"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)
-    except OSError:
-        pass
+    autotune_cache().set(key, label)
 
 
 def _time_candidate(cand: Candidate, operands: list[torch.Tensor], reps: int) -> float:
