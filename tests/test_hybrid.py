@@ -220,3 +220,32 @@ def test_budget_layer_fills_the_report_entry() -> None:
     assert entry2.extra["error_metric"] == "output"
     assert entry2.extra["output_error_source"] == "calibration"
     assert math.isfinite(entry2.output_rel_error or math.inf)
+
+
+def test_top_svd_truncated_path_matches_full_svd() -> None:
+    gen = torch.Generator().manual_seed(5)
+    q1 = torch.linalg.qr(torch.randn(300, 30, generator=gen, dtype=torch.float64)).Q
+    q2 = torch.linalg.qr(torch.randn(400, 30, generator=gen, dtype=torch.float64)).Q
+    m = (q1 * 0.7 ** torch.arange(30.0, dtype=torch.float64)) @ q2.T
+    m = m + 1e-4 * torch.randn(300, 400, generator=gen, dtype=torch.float64)
+    ref = torch.linalg.svd(m, full_matrices=False)
+    for mat in (m, m.T):
+        u, s, vh = top_svd(mat, 10)
+        torch.testing.assert_close(s, ref.S[:10], rtol=1e-9, atol=0)
+        best = (ref.U[:, :10] * ref.S[:10]) @ ref.Vh[:10]
+        torch.testing.assert_close((u * s) @ vh, best if mat is m else best.T)
+
+
+def test_large_layer_budget_fit_uses_truncated_svds() -> None:
+    # (16, 16) -> (16, 16) at budget 0.05: Kronecker rank 6 and low rank 6 of 256 x 256
+    # matrices take the truncated path; the candidates match the exact references.
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(256, 256, generator=gen, dtype=torch.float64)
+    choice = choose_form(w, (16, 16), (16, 16), budget=0.05, sweeps=1)
+    kron, low = choice.candidate("kronecker"), choice.candidate("lowrank")
+    assert kron is not None and low is not None and (kron.rank, low.lowrank) == (6, 6)
+    s = torch.linalg.svdvals(w)
+    assert low.error == pytest.approx(float(s[6:].norm() / s.norm()), rel=1e-9)
+    s_kron = torch.linalg.svdvals(w.reshape(16, 16, 16, 16).permute(0, 2, 1, 3).reshape(256, 256))
+    assert kron.error == pytest.approx(float(s_kron[6:].norm() / s_kron.norm()), rel=1e-9)
+    assert choice.error <= kron.error

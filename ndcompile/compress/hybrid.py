@@ -42,6 +42,7 @@ from ndcompile.compress.kronecker import (
     output_rel_error,
     rearrange,
 )
+from ndcompile.compress.truncated import truncated_svd, use_truncated
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.sites import LinearSite
 from ndcompile.layers.ndlinear import NdLinear
@@ -61,9 +62,11 @@ DEFAULT_SPLITS = (0.25, 0.5, 0.75)
 
 
 def top_svd(m: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Leading ``k`` singular triplets of ``m`` from the eigenproblem of its smaller Gram.
+    """Leading ``k`` singular triplets of ``m``, without a full SVD.
 
-    Much cheaper than a full SVD for the truncations used here; directions whose
+    When ``k`` is well below the smaller dimension of a large ``m`` they come from
+    :func:`~ndcompile.compress.truncated.truncated_svd` (randomised block Krylov);
+    otherwise from the eigenproblem of the smaller Gram matrix. Directions whose
     singular value is at round-off level come back as zeros.
 
     Args:
@@ -73,6 +76,12 @@ def top_svd(m: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     Returns:
         ``u (a, k)``, ``s (k,)``, ``vh (k, b)`` with ``m ≈ u diag(s) vh``.
     """
+    if use_truncated((int(m.shape[0]), int(m.shape[1])), k):
+        res = truncated_svd(m, k, method="randomized", rtol=1e-10)
+        s = res.s[:k]
+        live = s > s[:1].clamp_min(1e-300) * 1e-7
+        u, s, vh = res.u * live, s * live, res.vh * live[:, None]
+        return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
     transpose = m.shape[0] > m.shape[1]
     mm = m.T if transpose else m
     lam, vecs = torch.linalg.eigh(mm @ mm.T)

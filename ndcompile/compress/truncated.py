@@ -74,7 +74,7 @@ def use_truncated(shape: tuple[int, int], k: int) -> bool:
 
 
 def _block_size(k: int) -> int:
-    return k + max(8, k // 2)
+    return max(24, k + k // 2 + 8)
 
 
 def _chunk_rows(n_cols: int) -> int:
@@ -86,7 +86,8 @@ def sq_norm(a: Tensor) -> float:
     step = _chunk_rows(a.shape[1])
     acc = 0.0
     for i in range(0, a.shape[0], step):
-        acc += float(a[i : i + step].to(torch.float64).pow(2).sum())
+        flat = a[i : i + step].to(torch.float64).reshape(-1)
+        acc += float(torch.dot(flat, flat))
     return acc
 
 
@@ -101,17 +102,30 @@ def residual_sq_norm(a: Tensor, u: Tensor, s: Tensor, vh: Tensor) -> float:
     step = _chunk_rows(a.shape[1])
     acc = 0.0
     for i in range(0, a.shape[0], step):
-        block = a[i : i + step].to(torch.float64) - us[i : i + step] @ vh
-        acc += float(block.pow(2).sum())
+        block = torch.addmm(a[i : i + step].to(torch.float64), us[i : i + step], vh, alpha=-1)
+        flat = block.reshape(-1)
+        acc += float(torch.dot(flat, flat))
     return acc
 
 
-def _orth(y: Tensor, basis: Tensor | None) -> Tensor:
-    """Orthonormal columns spanning ``y`` minus its part in ``basis`` (twice, for stability).
+def _orth(y: Tensor, basis: Tensor | None, gen: torch.Generator) -> Tensor:
+    """Orthonormal columns spanning ``y`` minus its part in ``basis``.
 
-    Rank-deficient blocks still come back with orthonormal columns (round-off
-    directions, re-projected), so the Krylov space keeps growing.
+    Columns that lie inside ``basis`` to round-off carry no new direction (the space
+    found is invariant, e.g. for an exactly low-rank matrix); they restart from
+    random vectors so that the space keeps growing. Projection and QR run twice,
+    as classical Gram-Schmidt needs for orthogonality to working precision.
     """
+    if basis is not None:
+        before = torch.linalg.vector_norm(y, dim=0)
+        y = y - basis @ (basis.T @ y)
+        eps = torch.finfo(y.dtype).eps
+        lost = torch.linalg.vector_norm(y, dim=0) <= 64 * eps * before
+        if bool(lost.any()):
+            fresh = torch.randn(
+                y.shape[0], int(lost.sum()), generator=gen, dtype=y.dtype, device=y.device
+            )
+            y[:, lost] = fresh - basis @ (basis.T @ fresh)
     for _ in range(2):
         if basis is not None:
             y = y - basis @ (basis.T @ y)
@@ -143,7 +157,7 @@ def _converged(
     prev_gain: float | None,
     total: float,
     rtol: float,
-    eps: float,
+    noise: float,
 ) -> tuple[bool, float | None]:
     """Stopping test on the captured energy; returns (stop, this block's gain)."""
     if prev is None:
@@ -156,8 +170,9 @@ def _converged(
     elif prev_gain is not None and gain >= prev_gain > 0:
         remaining = 2 * gain  # not yet in the linear regime: be conservative
     deficit = max(total - energy, 0.0)
-    floor = 64 * eps * total  # below this the float estimate cannot resolve changes
-    return remaining <= rtol * max(deficit, floor), gain
+    # ``noise``: round-off of the energy in the working precision; gains below it are
+    # not resolved.
+    return remaining <= max(rtol * deficit, noise), gain
 
 
 def _krylov(
@@ -178,7 +193,7 @@ def _krylov(
     if init is not None and init.shape[1] > 0:
         r0 = min(init.shape[1], b)
         y[:, :r0] = init[:, :r0].to(y)
-    qs = [_orth(y, None)]
+    qs = [_orth(y, None, gen)]
     zs = [a.T @ qs[0]]
     passes = 2
     eps = float(torch.finfo(a.dtype).eps)
@@ -189,7 +204,8 @@ def _krylov(
         lam = torch.linalg.eigvalsh(z.T @ z).flip(0)
         energy = float(lam[:k].to(torch.float64).clamp_min(0).sum())
         size = sum(q.shape[1] for q in qs)
-        stop, gain = _converged(energy, prev, prev_gain, total, rtol, eps)
+        noise = 32 * eps * k * float(lam[0].clamp_min(0))
+        stop, gain = _converged(energy, prev, prev_gain, total, rtol, noise)
         if stop or size >= m:
             return torch.cat(qs, 1), z, passes, True
         if passes + 2 > max_passes:
@@ -197,7 +213,7 @@ def _krylov(
         prev, prev_gain = energy, gain
         basis = torch.cat(qs, 1)
         y = a @ zs[-1][:, : min(b, m - size)]
-        qs.append(_orth(y, basis))
+        qs.append(_orth(y, basis, gen))
         zs.append(a.T @ qs[-1])
         passes += 2
 
@@ -273,14 +289,14 @@ def truncated_svd(
         # Float64 Rayleigh–Ritz on the leading Ritz vectors of the float32 space.
         vecs = torch.linalg.eigh(z.T @ z).eigenvectors.flip(1)
         keep = min(q.shape[1], k + max(4, k // 4))
-        q = _orth((q @ vecs[:, :keep]).to(torch.float64), None)
+        q = _orth((q @ vecs[:, :keep]).to(torch.float64), None, gen)
         z = _rt_chunked(work, q)
         passes += 1
         lam = torch.linalg.eigvalsh(z.T @ z).flip(0)[:k]
         if tot - float(lam.clamp_min(0).sum()) < 1e-6 * tot:
             # Nearly exact fit: the float32 space limits the error at ~1e-6, so one
             # float64 power step (two more passes) takes it to float64 round-off.
-            q = _orth(_r_chunked(work, z), None)
+            q = _orth(_r_chunked(work, z), None, gen)
             z = _rt_chunked(work, q)
             passes += 2
     ub, s, vh = torch.linalg.svd(z.T, full_matrices=False)
