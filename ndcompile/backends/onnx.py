@@ -21,7 +21,6 @@ import copy
 import logging
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from ndcompile.errors import NdCompileError
+from ndcompile.fileio import publish, temp_path_for
 from ndcompile.frontend.trace import as_tuple
 
 __all__ = [
@@ -316,8 +316,7 @@ def export_onnx(
         raise NdCompileError(
             f"cannot write {str(dest)!r}: directory {str(dest.parent)!r} is missing"
         )
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = os.fspath(temp_path_for(dest))  # published only once verified
     try:
         notes: list[str] = []
         with _quiet_exporter():
@@ -386,7 +385,7 @@ def export_onnx(
                     )
                 max_err = max(max_err, err)
             sizes.append(int(batch[0].shape[0]) if batch[0].dim() else 1)
-        os.replace(tmp, dest)
+        publish(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ndcompile.backends.rebuild import layer_specs, rebuild_layers
 from ndcompile.compress.adapters import freeze_all_but_adapters
 from ndcompile.errors import NdCompileError
+from ndcompile.fileio import atomic_write
 from ndcompile.frontend.trace import as_tuple
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.report import ConversionReport, LayerReport
@@ -181,17 +182,10 @@ def save(converted: nn.Module, path: str | os.PathLike, *, example_input: Any = 
         "report": report.to_dict(),
     }
     dest = Path(path)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        _safetensors().save_file(
-            _tensors(converted),
-            os.fspath(tmp),
-            metadata={METADATA_KEY: json.dumps(meta, default=str)},
-        )
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    tensors, metadata = _tensors(converted), {METADATA_KEY: json.dumps(meta, default=str)}
+    atomic_write(
+        dest, lambda tmp: _safetensors().save_file(tensors, os.fspath(tmp), metadata=metadata)
+    )
     return dest
 
 
