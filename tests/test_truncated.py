@@ -201,3 +201,24 @@ def test_cp_als_starts_from_truncated_mode_svds() -> None:
     w = kron_dense(factors)
     fit = nearest_kronecker(w, shape, shape, 2, n_iter=30)
     assert fit.method == "cp_als" and fit.rel_error < 1e-8
+
+
+def test_lowrank_reference_error_uses_leading_triplets() -> None:
+    from ndcompile.compress.layer_fits import lowrank_output_error
+
+    w = matrix(300, 400, "decay", seed=10).float()
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(64, 400, generator=gen)
+    k = 6
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    w_hat = (u[:, :k] * s[:k]) @ vh[:k]
+    ref = x.double() @ w.double().T
+    expect = float((ref - x.double() @ w_hat.T).norm() / ref.norm())
+    got = lowrank_output_error(w, x, None, params=k * 700 + 5)
+    assert use_truncated((300, 400), k)
+    assert got == pytest.approx(expect, rel=1e-6)
+    gram = x.double().T @ x.double()
+    assert lowrank_output_error(w, None, gram, k * 700) == pytest.approx(
+        output_rel_error(w, w_hat, gram), rel=1e-6
+    )
+    assert lowrank_output_error(w, x, None, params=699) is None

@@ -25,6 +25,7 @@ from ndcompile.compress.kronecker import (
     output_rel_error,
     rank_for_tolerance,
 )
+from ndcompile.compress.truncated import truncated_svd
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.inputs import example_inputs
 from ndcompile.frontend.sites import LinearSite
@@ -93,14 +94,18 @@ def capture_grams(
 def lowrank_output_error(
     weight: Tensor, x: Tensor | None, gram: Tensor | None, params: int
 ) -> float | None:
-    """Output error of the best low-rank (SVD) weight with at most ``params`` parameters."""
+    """Output error of the best low-rank (SVD) weight with at most ``params`` parameters.
+
+    Only the leading ``k`` singular triplets are computed (a truncated SVD for large
+    weights, see :func:`ndcompile.compress.truncated.truncated_svd`).
+    """
     out_f, in_f = weight.shape
     k = params // (in_f + out_f)
     if k < 1:
         return None
+    res = truncated_svd(weight.detach(), min(k, out_f, in_f))
     w = weight.detach().double()
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    w_hat = (u[:, :k] * s[:k]) @ vh[:k]
+    w_hat = (res.u * res.s[: res.u.shape[1]]) @ res.vh
     if gram is not None:
         return output_rel_error(w, w_hat, gram)
     if x is None:
