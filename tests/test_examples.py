@@ -101,3 +101,14 @@ def test_adapter_finetune(monkeypatch):
     nd = by_name["NdLinear adapter R=1"]["excluding head"]
     assert nd == depth * 2 * (8 * 4 + 8 * 4) < by_name["LoRA r=1"]["excluding head"]
     assert all(0.0 <= r["task B test acc %"] <= 100.0 for r in rows)
+
+
+def test_huggingface(monkeypatch):
+    pytest.importorskip("transformers")
+    example = load_example("huggingface", monkeypatch)
+    results = example.main(hidden=64, layers=1, verbose=False)
+    assert type(results["factorized"]).__name__ == "LlamaForCausalLM"
+    assert results["adapter_tokens_equal"] is True
+    assert results["reload_error"] == 0.0
+    report = results["factorized"].report
+    assert len(report.converted) == 8 and report.params_after < report.params_before

@@ -119,19 +119,27 @@ def exact_entries(gm: fx.GraphModule) -> list[LayerReport]:
 
 
 @contextlib.contextmanager
-def unchanged_state(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode and leave it exactly as it was.
+def unchanged_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None]:
+    """Run ``model`` (in eval mode by default) and leave it exactly as it was.
 
     Training flags are restored per module and every buffer (BatchNorm running
     stats, spectral-norm vectors, ...) is put back, so checking a model against
-    its conversion never mutates the user's model.
+    its conversion never mutates the user's model. With ``eval_mode=False`` the
+    model runs in its own mode with the random generator seeded (so Dropout draws
+    the same masks in the original and in an exact rewrite of its graph).
     """
     flags = {m: m.training for m in model.modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b is not None}
-    model.eval()
+    rng = contextlib.ExitStack()
+    if eval_mode:
+        model.eval()
+    else:
+        rng.enter_context(torch.random.fork_rng(devices=[]))
+        torch.manual_seed(0)
     try:
         yield
     finally:
+        rng.close()
         for m, flag in flags.items():
             m.training = flag
         with torch.no_grad():
@@ -141,14 +149,14 @@ def unchanged_state(model: nn.Module) -> Iterator[None]:
                     b.copy_(saved)
 
 
-def reference_outputs(model: nn.Module, example: ExampleInputs) -> Any:
+def reference_outputs(model: nn.Module, example: ExampleInputs, *, eval_mode: bool = True) -> Any:
     """The model's output on the example, computed without changing the model.
 
     Raises:
         NdCompileError: If the model fails on the example input.
     """
     try:
-        with torch.no_grad(), unchanged_state(model):
+        with torch.no_grad(), unchanged_state(model, eval_mode=eval_mode):
             return example(model)
     except Exception as exc:
         raise NdCompileError(
@@ -172,11 +180,14 @@ def verify_outputs(
     report: ConversionReport,
     *,
     strict: bool,
+    eval_mode: bool = True,
 ) -> None:
     """Run the converted ``model`` on the example and record the output error.
 
     Every tensor of the output is compared (tuples, dicts, dataclasses,
-    ``ModelOutput``). Both models run in eval mode, so Dropout cannot make an exact
+    ``ModelOutput``). Both models run in eval mode (module surgery), or in their
+    own mode with the same random seed (a traced graph, whose train-mode
+    behaviour was fixed when it was traced), so Dropout cannot make an exact
     conversion look wrong.
 
     Raises:
@@ -185,7 +196,7 @@ def verify_outputs(
             differs beyond fp tolerance.
     """
     try:
-        with torch.no_grad(), unchanged_state(model):
+        with torch.no_grad(), unchanged_state(model, eval_mode=eval_mode):
             out = example(model)
     except Exception as exc:
         raise NdCompileError(

@@ -207,7 +207,7 @@ def convert_graph(
         )
     inputs = example.args
     mode = get_mode(opts.mode)
-    reference = reference_outputs(model, example) if opts.verify else None
+    reference = reference_outputs(model, example, eval_mode=False) if opts.verify else None
     report = ConversionReport(
         mode=opts.mode, params_before=count_parameters(model), options=opts.to_json()
     )
@@ -224,6 +224,7 @@ def convert_graph(
                 layer=type(model).__name__,
                 hint="use output='module' (the default), which calibrates any model",
             ) from exc
+
         def convert_child(name: str, module: nn.Module, args: tuple[Any, ...]) -> nn.Module:
             prefix = f"{name_prefix}{name}."
             sub = dataclasses.replace(opts, verify=False, rank=_ranks_under(opts.rank, prefix))
@@ -316,7 +317,9 @@ def _finish(
     mode.finish(result, opts)
     report.params_after = count_parameters(result)
     if opts.verify:
-        verify_outputs(result, example, reference, report, strict=mode.strict(opts))
+        verify_outputs(
+            result, example, reference, report, strict=mode.strict(opts), eval_mode=False
+        )
     result.report = report  # type: ignore[assignment]
     return result
 
