@@ -8,13 +8,15 @@ matrices :func:`truncated_svd` finds them by randomised block Krylov iteration
 Rayleigh–Ritz step on the whole Krylov space gives the current triplets. It stops
 when the captured energy ``sum_{i<=R} s_i^2`` changes by less than ``rtol`` times the
 remaining error energy (with an Aitken estimate of what further blocks would add),
-so the fitted error is within a factor ``1 + rtol / 2`` of the optimum; once the
-space fills the smaller dimension the result is exact.
+so the fitted error is within a factor ``1 + rtol / 2`` of the optimum (or at the
+round-off of the working precision); once the space fills the smaller dimension the
+result is exact.
 
 The iteration runs in float32 for float32 (and narrower) inputs; the final
-Rayleigh–Ritz step, the singular values, the norm and the errors are float64
-(one float64 pass over the matrix, in row chunks). Small matrices, and ranks that
-are a large fraction of the smaller dimension, take the full float64 SVD instead.
+Rayleigh–Ritz step, the singular values, the norm and the errors are float64 (one
+float64 pass over the matrix in row chunks, plus a float64 power step when the fit
+is nearly exact). Small matrices, and ranks that are a large fraction of the smaller
+dimension, take the full float64 SVD instead.
 """
 
 from __future__ import annotations
@@ -184,8 +186,12 @@ def _krylov(
     max_passes: int,
     init: Tensor | None,
     gen: torch.Generator,
-) -> tuple[Tensor, Tensor, int, bool]:
-    """Block Krylov space of ``A Aᵀ`` for ``a`` with ``m <= n``; returns Q, Z = AᵀQ."""
+) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+    """Block Krylov space of ``A Aᵀ`` for ``a`` with ``m <= n``.
+
+    Returns:
+        ``(Q, Z = AᵀQ, ZᵀZ, passes, converged)``.
+    """
     m, n = a.shape
     b = min(_block_size(k), m)
     omega = torch.randn(n, b, generator=gen, dtype=a.dtype, device=a.device)
@@ -195,26 +201,26 @@ def _krylov(
         y[:, :r0] = init[:, :r0].to(y)
     qs = [_orth(y, None, gen)]
     zs = [a.T @ qs[0]]
+    gram = zs[0].T @ zs[0]  # ZᵀZ = (QᵀA)(QᵀA)ᵀ, grown block by block
     passes = 2
     eps = float(torch.finfo(a.dtype).eps)
     prev: float | None = None
     prev_gain: float | None = None
     while True:
-        z = torch.cat(zs, 1)
-        lam = torch.linalg.eigvalsh(z.T @ z).flip(0)
+        lam = torch.linalg.eigvalsh(gram).flip(0)
         energy = float(lam[:k].to(torch.float64).clamp_min(0).sum())
-        size = sum(q.shape[1] for q in qs)
+        size = gram.shape[0]
         noise = 32 * eps * k * float(lam[0].clamp_min(0))
         stop, gain = _converged(energy, prev, prev_gain, total, rtol, noise)
-        if stop or size >= m:
-            return torch.cat(qs, 1), z, passes, True
-        if passes + 2 > max_passes:
-            return torch.cat(qs, 1), z, passes, False
+        if stop or size >= m or passes + 2 > max_passes:
+            return torch.cat(qs, 1), torch.cat(zs, 1), gram, passes, stop or size >= m
         prev, prev_gain = energy, gain
-        basis = torch.cat(qs, 1)
         y = a @ zs[-1][:, : min(b, m - size)]
-        qs.append(_orth(y, basis, gen))
-        zs.append(a.T @ qs[-1])
+        qs.append(_orth(y, torch.cat(qs, 1), gen))
+        z_new = a.T @ qs[-1]
+        cross = torch.cat(zs, 1).T @ z_new
+        gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.T, z_new.T @ z_new], 1)], 0)
+        zs.append(z_new)
         passes += 2
 
 
@@ -282,12 +288,12 @@ def truncated_svd(
     if rtol is None:
         rtol = 1e-12 if work.dtype == torch.float64 else 1e-6
     gen = torch.Generator(device=work.device).manual_seed(seed)
-    q, z, passes, converged = _krylov(
+    q, z, gram, passes, converged = _krylov(
         work, k, tot, rtol=rtol, max_passes=max_passes, init=init, gen=gen
     )
     if work.dtype != torch.float64:
         # Float64 Rayleigh–Ritz on the leading Ritz vectors of the float32 space.
-        vecs = torch.linalg.eigh(z.T @ z).eigenvectors.flip(1)
+        vecs = torch.linalg.eigh(gram).eigenvectors.flip(1)
         keep = min(q.shape[1], k + max(4, k // 4))
         q = _orth((q @ vecs[:, :keep]).to(torch.float64), None, gen)
         z = _rt_chunked(work, q)
