@@ -9,17 +9,47 @@ original as its cause).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ndcompile.errors import NdCompileError
 
-__all__ = ["Pass", "PassResult", "run_passes"]
+__all__ = ["Pass", "PassResult", "ReportedResult", "run_passes"]
 
 #: A graph pass: ``gm -> PassResult`` (or a subclass carrying report data).
 Pass = Callable[[fx.GraphModule], PassResult]
+
+
+class ReportedResult(PassResult):
+    """A ``PassResult`` that also carries what the pass did, for the report.
+
+    Attributes:
+        layers: One :class:`~ndcompile.report.LayerReport` per layer the pass
+            rewrote or looked at and left.
+        notes: Remarks for the report.
+        constants: New tensors the rewritten graph takes as extra inputs, by name.
+    """
+
+    layers: list[Any]
+    notes: list[str]
+    constants: dict[str, Any]
+
+    def __new__(
+        cls,
+        graph_module: fx.GraphModule,
+        modified: bool,
+        layers: Sequence[Any] = (),
+        notes: Sequence[str] = (),
+        constants: Mapping[str, Any] | None = None,
+    ) -> ReportedResult:
+        self = super().__new__(cls, graph_module, modified)
+        self.layers = list(layers)
+        self.notes = list(notes)
+        self.constants = dict(constants or {})
+        return self
 
 
 def pass_name(fn: Pass) -> str:

@@ -56,6 +56,9 @@ def test_exact_mode_keeps_outputs(name: str) -> None:
     converted = ndcompile.convert(model, example, mode="exact")
     assert isinstance(converted, type(model))
     assert converted.report.output_rel_error <= 1e-6
+    every = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+    assert {e.name for e in converted.report.skipped} == every
+    assert all(e.reason for e in converted.report.skipped)
 
 
 @pytest.mark.parametrize("name", CAUSAL_LMS)

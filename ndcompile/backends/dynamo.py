@@ -39,12 +39,14 @@ from ndcompile.passes.dynamo.common import copy_dynamo_graph
 from ndcompile.passes.dynamo.factorize import FactorizeSpec, factorize_linears
 from ndcompile.passes.dynamo.linear_chain import fuse_linear_chains
 from ndcompile.passes.dynamo.ndlinear import rewrite_mode_chains
+from ndcompile.passes.runner import ReportedResult
 from ndcompile.report import ConversionReport
 
 __all__ = [
     "BACKEND_NAME",
     "OPTION_KEYS",
     "PASSES",
+    "PASS_REGISTRY",
     "BackendOptions",
     "ndcompile_backend",
     "parse_options",
@@ -60,7 +62,20 @@ BACKEND_NAME = "ndcompile"
 OPTION_KEYS: tuple[str, ...] = ("optimizer", "inductor", "report", "factorize", "passes")
 
 #: The exact passes, in the order they run; ``passes=`` selects a subset.
-PASSES: tuple[str, ...] = ("ndlinear", "linear_chain")
+#: A backend pass: ``(graph, example inputs, options) -> ReportedResult``.
+BackendPass = Callable[[fx.GraphModule, Sequence[Any], "BackendOptions"], ReportedResult]
+
+#: Backend passes by name, in the order they run. ``factorize`` runs when the
+#: ``factorize`` option is given; the others when listed in ``passes``.
+PASS_REGISTRY: dict[str, BackendPass] = {
+    "ndlinear": lambda gm, _inputs, opts: rewrite_mode_chains(gm, optimizer=opts.optimizer),
+    "factorize": lambda gm, inputs, opts: factorize_linears(
+        gm, inputs, opts.factorize, optimizer=opts.optimizer
+    ),
+    "linear_chain": lambda gm, _inputs, _opts: fuse_linear_chains(gm),
+}
+#: Exact passes selectable with the ``passes`` option.
+PASSES: tuple[str, ...] = tuple(n for n in PASS_REGISTRY if n != "factorize")
 
 logger = logging.getLogger("ndcompile")
 
@@ -170,15 +185,16 @@ def rewrite_dynamo_graph(
     report = ConversionReport(mode="backend")
     report.params_before = sum(t.numel() for t in example_inputs if isinstance(t, nn.Parameter))
     constants: dict[str, Tensor] = {}
-    if "ndlinear" in opts.passes:
-        report.layers += rewrite_mode_chains(work, optimizer=opts.optimizer)[1]
-    if opts.factorize is not None:
-        _, entries, constants = factorize_linears(
-            work, example_inputs, opts.factorize, optimizer=opts.optimizer
-        )
-        report.layers += entries
-    if "linear_chain" in opts.passes:
-        report.layers += fuse_linear_chains(work)[1]
+    for name, run in PASS_REGISTRY.items():
+        if name == "factorize":
+            if opts.factorize is None:
+                continue
+        elif name not in opts.passes:
+            continue
+        result = run(work, example_inputs, opts)
+        report.layers += result.layers
+        report.notes += result.notes
+        constants.update(result.constants)
     report.params_after = report.params_before + sum(
         e.params_after - e.params_before for e in report.layers if e.status == "converted"
     )

@@ -102,8 +102,13 @@ def _fit_data(
     return data
 
 
-def _exact(work: nn.Module, report: ConversionReport, opts: ConvertOptions) -> None:
-    """Module-level exact rewrites: reference NdLinear layers become planned NdLinears."""
+def _exact(
+    work: nn.Module, example: ExampleInputs, report: ConversionReport, opts: ConvertOptions
+) -> None:
+    """Module-level exact rewrites: reference NdLinear layers become planned NdLinears.
+
+    Dense Linear-like layers are kept; each is listed in the report with the reason.
+    """
     for name, module in list(work.named_modules()):
         if name and is_reference_ndlinear(module):
             layer = NdLinear.from_reference(module, optimizer=opts.optimizer)
@@ -124,6 +129,12 @@ def _exact(work: nn.Module, report: ConversionReport, opts: ConvertOptions) -> N
                 )
             )
             report.notes.extend(install_layer(work, name, layer))
+    for site in plan_module_sites(work, _capture(work, example, report)):
+        entry = layer_entry(site)
+        entry.reason = site.skip_reason or (
+            "exact mode keeps dense layers (it rewrites NdLinear layers already present)"
+        )
+        report.layers.append(entry)
     report.notes.append(
         "fusing connected linear regions and removing transposes need a graph: "
         "convert(..., mode='exact', output='graph') when the model traces with torch.fx"
@@ -197,7 +208,7 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
     if mode.replaces_sites:
         _convert_sites(work, mode, example, report, opts)
     else:
-        _exact(work, report, opts)
+        _exact(work, example, report, opts)
     mode.finish(work, opts)
     record_in_config(work, opts.mode)
     report.params_after = count_parameters(work)

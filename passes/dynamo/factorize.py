@@ -31,7 +31,6 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
-from torch.fx.passes.infra.pass_base import PassResult
 
 from ndcompile.compress.kronecker import (
     KroneckerFit,
@@ -53,6 +52,7 @@ from ndcompile.passes.dynamo.common import (
     restore_leading,
     rows_hint,
 )
+from ndcompile.passes.runner import ReportedResult
 from ndcompile.report import LayerReport
 
 __all__ = ["FACTORIZE_KEYS", "FactorizeSpec", "factorize_linears"]
@@ -233,7 +233,7 @@ def factorize_linears(
     spec: FactorizeSpec,
     *,
     optimizer: str = "auto",
-) -> tuple[PassResult, list[LayerReport], dict[str, Tensor]]:
+) -> ReportedResult:
     """Replace dense linear maps of a dynamo graph by Kronecker-sum contractions.
 
     Args:
@@ -243,7 +243,8 @@ def factorize_linears(
         optimizer: Planner optimizer.
 
     Returns:
-        ``(PassResult, one LayerReport per dense linear, constants)``; the constants
+        ``ReportedResult`` with one ``layers`` entry per dense linear and the
+        ``constants``; the constants
         (factor tensors by placeholder name, in placeholder order) must be passed
         after the original inputs on every call.
 
@@ -298,4 +299,4 @@ def factorize_linears(
     if constants:
         graph.lint()
         gm.recompile()
-    return PassResult(gm, bool(constants)), entries, constants
+    return ReportedResult(gm, bool(constants), layers=entries, constants=constants)

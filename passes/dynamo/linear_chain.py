@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor
-from torch.fx.passes.infra.pass_base import PassResult
 
 from ndcompile.passes.dynamo.common import (
     commit_replacement,
@@ -39,6 +38,7 @@ from ndcompile.passes.dynamo.common import (
     same_shape,
     static_int,
 )
+from ndcompile.passes.runner import ReportedResult
 from ndcompile.report import LayerReport
 
 __all__ = ["LinearPair", "find_linear_pair", "fuse_linear_chains"]
@@ -195,7 +195,7 @@ def _entry(pair: LinearPair, *, reason: str | None = None) -> LayerReport:
     )
 
 
-def fuse_linear_chains(gm: fx.GraphModule) -> tuple[PassResult, list[LayerReport]]:
+def fuse_linear_chains(gm: fx.GraphModule) -> ReportedResult:
     """Fuse consecutive linear maps of a dynamo graph where exact and cheaper.
 
     Applied to a fixed point, so ``l3(l2(l1(x)))`` can become one map. Each fusion is
@@ -205,7 +205,8 @@ def fuse_linear_chains(gm: fx.GraphModule) -> tuple[PassResult, list[LayerReport
         gm: A dynamo graph module (modified in place).
 
     Returns:
-        ``(PassResult(gm, modified), one LayerReport per fused or rejected pair)``.
+        ``ReportedResult(gm, modified)`` whose ``layers`` has one entry per fused or
+        rejected pair.
     """
     graph, fake_mode = gm.graph, fake_mode_of(gm)
     entries: list[LayerReport] = []
@@ -242,4 +243,4 @@ def fuse_linear_chains(gm: fx.GraphModule) -> tuple[PassResult, list[LayerReport
     if modified:
         graph.lint()
         gm.recompile()
-    return PassResult(gm, modified), entries
+    return ReportedResult(gm, modified, layers=entries)

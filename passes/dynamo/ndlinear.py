@@ -40,7 +40,6 @@ import sympy
 import torch
 import torch.fx as fx
 from torch import Tensor
-from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ndcompile.layers.ndlinear import mode_bias
@@ -58,6 +57,7 @@ from ndcompile.passes.dynamo.common import (
     size_hint,
     static_int,
 )
+from ndcompile.passes.runner import ReportedResult
 from ndcompile.planner.plan import plan_ndlinear
 from ndcompile.report import LayerReport
 
@@ -348,7 +348,7 @@ def _entry(chain: ModeChain, plan: Any, rows: int) -> LayerReport:
 
 def rewrite_mode_chains(
     gm: fx.GraphModule, *, optimizer: str = "auto"
-) -> tuple[PassResult, list[LayerReport]]:
+) -> ReportedResult:
     """Replace every canonical mode-wise linear chain of a dynamo graph by one contraction.
 
     Each replacement is evaluated on FakeTensors before it is committed; one whose
@@ -359,7 +359,8 @@ def rewrite_mode_chains(
         optimizer: Planner optimizer (one of ``ndcompile.OPTIMIZERS``).
 
     Returns:
-        ``(PassResult(gm, modified), one LayerReport per rewritten chain)``.
+        ``ReportedResult(gm, modified)`` whose ``layers`` has one entry per rewritten
+        chain.
     """
     graph, fake_mode = gm.graph, fake_mode_of(gm)
     entries: list[LayerReport] = []
@@ -390,4 +391,4 @@ def rewrite_mode_chains(
     if entries:
         graph.lint()
         gm.recompile()
-    return PassResult(gm, bool(entries)), entries
+    return ReportedResult(gm, bool(entries), layers=entries)
