@@ -295,7 +295,6 @@ class NdAdapterLinear(nn.Module):
 
 
 def _fill_entry(entry: LayerReport, layer: NdAdapterLinear, site: LinearSite) -> None:
-    layer.adapter.replan(plan_batch=max(site.rows, 1))
     plan = layer.adapter.plan()
     trainable = layer.adapter.num_parameters()
     entry.status = "converted"
@@ -418,6 +417,7 @@ def adapter_for_site(
         plan_batch=max(site.rows, 1),
         compute=compute,
     )
+    layer.adapter.replan(plan_batch=max(site.rows, 1))
     if entry is not None:
         _fill_entry(entry, layer, site)
     return layer

@@ -74,10 +74,8 @@ def layer_entry(site: LinearSite) -> LayerReport:
     )
 
 
-def fill_layer_stats(
-    entry: LayerReport, layer: NdLinear, site: LinearSite, autotune: bool = False
-) -> None:
-    layer.replan(plan_batch=max(site.rows, 1), autotune=autotune)
+def fill_layer_stats(entry: LayerReport, layer: NdLinear, site: LinearSite) -> None:
+    """Write a converted layer's params, FLOPs and plan (as planned) into ``entry``."""
     plan = layer.plan()
     entry.status = "converted"
     entry.rank = layer.rank

@@ -45,6 +45,15 @@ def kronecker_params(site: LinearSite, rank: int) -> int:
     return rank * sum(h * d for h, d in zip(site.out_shape, site.in_shape, strict=True))
 
 
+def planned(
+    layer: NdLinear, entry: LayerReport, site: LinearSite, opts: ConvertOptions
+) -> NdLinear:
+    """Plan ``layer`` for the rows ``site`` sees (autotuned if asked), then report it."""
+    layer.replan(plan_batch=max(site.rows, 1), autotune=opts.autotune)
+    fill_layer_stats(entry, layer, site)
+    return layer
+
+
 class Mode:
     """Base strategy: convert every plannable site, verify loosely."""
 
@@ -91,8 +100,7 @@ class FreshMode(Mode):
             device=w.device,
             dtype=w.dtype,
         )
-        fill_layer_stats(entry, layer, site, opts.autotune)
-        return layer
+        return planned(layer, entry, site, opts)
 
 
 class FactorizeMode(Mode):
@@ -145,8 +153,7 @@ class FactorizeMode(Mode):
                 x=data.inputs.get(site.name),
                 gram=data.grams.get(site.name),
             )
-        fill_layer_stats(entry, layer, site, opts.autotune)
-        return layer
+        return planned(layer, entry, site, opts)
 
 
 class AdapterMode(Mode):
