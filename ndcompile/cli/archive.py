@@ -12,6 +12,7 @@ fallback to the legacy format. Nothing is unpickled beyond tensors and plain con
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -204,6 +205,28 @@ def check_pt2_archive(handle: BinaryIO, name: str) -> None:
         )
 
 
+#: Packages whose output classes (``ModelOutput``) register their pytree when imported.
+_OUTPUT_PACKAGES = ("transformers",)
+
+
+def _import_output_type(message: str) -> bool:
+    """Import the module of an unregistered pytree output type from a known package.
+
+    Only modules of :data:`_OUTPUT_PACKAGES` that are installed are imported (a
+    ``.pt2`` of a Hugging Face model returns ``ModelOutput`` dataclasses); returns
+    whether one was.
+    """
+    match = re.search(r"Deserializing ([\w.]+) in pytree is not registered", message)
+    module = match.group(1).rpartition(".")[0] if match else ""
+    if module.split(".")[0] not in _OUTPUT_PACKAGES:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
+
+
 def load_exported_program(path: str | os.PathLike[str]) -> Any:
     """The ``ExportedProgram`` in ``path``, refused if loading it could run code.
 
@@ -219,7 +242,13 @@ def load_exported_program(path: str | os.PathLike[str]) -> Any:
     with open(path, "rb") as handle:  # one handle: what is checked is what is loaded
         check_pt2_archive(handle, name)
         try:
-            contents = load_pt2(handle)
+            try:
+                contents = load_pt2(handle)
+            except NotImplementedError as exc:  # an output type whose module is not imported
+                if not _import_output_type(str(exc)):
+                    raise
+                handle.seek(0)
+                contents = load_pt2(handle)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise UsageError(

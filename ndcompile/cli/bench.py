@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ndcompile.frontend.inputs import example_inputs
+
 __all__ = ["format_timings", "median_times_ms", "time_models"]
 
 
@@ -43,14 +45,15 @@ def median_times_ms(
 def time_models(
     original: torch.nn.Module,
     converted: torch.nn.Module,
-    example: tuple[torch.Tensor, ...],
+    example: Any,
     *,
     repeat: int = 20,
     warmup: int = 3,
 ) -> dict[str, Any]:
-    """Median forward times of both models on ``example`` and their ratio."""
+    """Median forward times of both models on ``example`` (any form convert takes), their ratio."""
+    call = example_inputs(example)
     original_ms, converted_ms = median_times_ms(
-        [lambda: original(*example), lambda: converted(*example)], repeat=repeat, warmup=warmup
+        [lambda: call(original), lambda: call(converted)], repeat=repeat, warmup=warmup
     )
     return {
         "original_ms": original_ms,
@@ -59,7 +62,8 @@ def time_models(
         "repeat": repeat,
         "warmup": warmup,
         "threads": torch.get_num_threads(),
-        "example_shapes": [list(t.shape) for t in example],
+        "example_shapes": [list(t.shape) for t in call.tensors()],
+        "example": call.describe(),
     }
 
 
@@ -68,7 +72,7 @@ def format_timings(result: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"bench ({result.get('mode', '?')}): median of {result['repeat']} runs after "
-            f"warm-up, {result['threads']} threads, input {result['example_shapes']}",
+            f"warm-up, {result['threads']} threads, input {result['example']}",
             f"  original   {result['original_ms']:9.3f} ms",
             f"  converted  {result['converted_ms']:9.3f} ms  "
             f"({result['speedup']:.2f}x {'faster' if result['speedup'] >= 1 else 'slower'})",

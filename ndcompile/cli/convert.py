@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ndcompile.backends.serialize import save as save_converted
 from ndcompile.cli.data import forward_input_names, load_distill_data
+from ndcompile.cli.examples import (
+    check_example_names,
+    example_high,
+    load_example_file,
+    random_example,
+)
+from ndcompile.cli.export import save_program
 from ndcompile.cli.loading import (
     UsageError,
     build_model,
     load_calibration,
     load_checkpoint,
     load_state_dict_strict,
-    make_example,
     parse_dtype,
-    parse_shape,
     parse_shapes_json,
 )
 from ndcompile.cli.output import (
@@ -32,18 +39,17 @@ from ndcompile.cli.output import (
     Progress,
     StagedOutputs,
     check_output_path,
-    export_error,
     onnx_exporter,
-    save_program,
     save_state_dict,
 )
 from ndcompile.compress.distill import distill
+from ndcompile.frontend.inputs import ExampleInputs, describe_value
 from ndcompile.pipeline.convert import convert, relative_error
 
 __all__ = [
-    "check_export",
     "conversion_kwargs",
     "convert_summary",
+    "describe_example",
     "emit",
     "load_model",
     "run_convert",
@@ -51,51 +57,96 @@ __all__ = [
 ]
 
 
-def load_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[Tensor, ...], Any]:
-    """Build the model, load its weights, make the example input and run the model once."""
-    shapes = [parse_shape(s) for s in args.example_shape]
+def describe_example(example: ExampleInputs) -> str:
+    """``(8, 16, 16)`` or ``(2, 16) int64, attention_mask=(2, 16) bool``: shapes, not values."""
+    parts = [describe_value(a) for a in example.args]
+    parts += [f"{k}={describe_value(v)}" for k, v in example.kwargs.items()]
+    return ", ".join(parts)
+
+
+def _check_example_options(args: argparse.Namespace) -> None:
+    given = [
+        flag
+        for flag, value in (
+            ("--example-shape", args.example_shape),
+            ("--example-dtype", args.example_dtype),
+            ("--example-high", args.example_high),
+        )
+        if value
+    ]
+    if args.example and given:
+        raise UsageError(
+            f"--example FILE gives the inputs; it does not combine with {', '.join(given)}"
+        )
+    if not args.example and not args.example_shape:
+        raise UsageError(
+            f"{args.command} needs --example-shape D0,D1,.. or --example FILE",
+            hint="e.g. --example-shape 8,3,32,32, or --example-shape 2,16 --example-dtype long "
+            "for token ids",
+        )
+
+
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, ExampleInputs, Any]:
+    """Build the model, load its weights, make the example inputs and run the model once."""
+    _check_example_options(args)
     dtype = parse_dtype(args.dtype)
     state = load_checkpoint(args.state_dict) if args.state_dict else None
     model = build_model(args.model)
     if state is not None:
         load_state_dict_strict(model, state)
     model = model.to(dtype).eval()
-    example = make_example(shapes, dtype, args.seed)
-    reference = _run_model(
-        model,
-        example,
-        "an example input of shape " + ", ".join(str(tuple(t.shape)) for t in example),
-        hint="pass the input shape the model's forward expects with --example-shape",
-    )
+    if args.example:
+        example = load_example_file(args.example, model, dtype)
+        what, hint = f"the --example inputs {describe_example(example)}", None
+    else:
+        example = random_example(
+            args.example_shape,
+            args.example_dtype,
+            model_dtype=dtype,
+            high=example_high(model, args.example_high),
+            seed=args.seed,
+        )
+        check_example_names(model, example, "--example-shape")
+        what = f"an example input of shape {describe_example(example)}"
+        hint = "pass the input shape the model's forward expects with --example-shape"
+    reference = _run_model(model, example, what, hint=hint)
     return model, example, reference
 
 
-def _run_model(model: nn.Module, inputs: tuple[Tensor, ...], what: str, hint: str | None) -> Any:
-    """``model(*inputs)`` without gradients; a failure is the user's input: UsageError."""
+def _run_model(model: nn.Module, inputs: Any, what: str, hint: str | None) -> Any:
+    """``model(*inputs)`` (or the call ``inputs`` describes) without gradients.
+
+    A failure is the user's input: UsageError.
+    """
+    call = inputs if isinstance(inputs, ExampleInputs) else ExampleInputs(tuple(inputs))
     try:
         with torch.no_grad():
-            return model(*inputs)
+            return call(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        floats = all(t.is_floating_point() for t in call.tensors())
+        if floats and re.search(r"\bLong\b|indices|[Ee]mbedding", first):
+            hint = "the model takes integer inputs (token ids): add --example-dtype long"
         raise UsageError(
             f"the model rejects {what}: {type(exc).__name__}: {first}", hint=hint
         ) from exc
 
 
 def distill_batches(
-    args: argparse.Namespace, model: torch.nn.Module, example: tuple[Tensor, ...]
+    args: argparse.Namespace, model: torch.nn.Module, example: ExampleInputs
 ) -> list[tuple[Tensor, ...]]:
     """The ``--distill`` inputs, loaded safely, cut into batches and checked against the model.
 
     A tensor (or a dict of named input tensors) is cut into batches of the example's
     batch size; the first batch is run through the model to check it fits.
     """
+    first = example.tensors()[0]
     batches = load_distill_data(
         args.distill,
-        batch_rows=example[0].shape[0] if example[0].dim() else 1,
+        batch_rows=first.shape[0] if first.dim() else 1,
         input_names=forward_input_names(model),
     )
-    dtype = example[0].dtype
+    dtype = parse_dtype(args.dtype)
     batches = [tuple(t.to(dtype) if t.is_floating_point() else t for t in b) for b in batches]
     shapes = ", ".join(str(tuple(t.shape)) for t in batches[0])
     _run_model(model, batches[0], f"--distill batch 0 of shape {shapes}", None)
@@ -154,11 +205,6 @@ def verify_outputs(
     return result
 
 
-def check_export(program: Any, converted: nn.Module, example: tuple[Tensor, ...]) -> float:
-    """Relative error of the exported program vs ``converted``; raise beyond fp tolerance."""
-    return export_error(program, converted, example)
-
-
 def _checked_calibration(
     model: nn.Module, batches: list[Tensor], dtype: torch.dtype
 ) -> list[Tensor]:
@@ -171,13 +217,17 @@ def _checked_calibration(
 
 def run_convert(args: argparse.Namespace) -> int:
     """``ndcompile convert``: load, convert, verify, then write every output or none."""
-    if not args.output and not args.state_dict_out:
-        raise UsageError("convert needs -o OUT.pt2|OUT.onnx and/or --state-dict-out CKPT")
+    if not args.output and not args.state_dict_out and not args.save:
+        raise UsageError(
+            "convert needs -o OUT.pt2|OUT.onnx and/or --state-dict-out CKPT and/or "
+            "--save FILE.safetensors"
+        )
     out = check_output_path(args.output, PROGRAM_SUFFIXES, "-o") if args.output else None
     sd_out = (
         check_output_path(args.state_dict_out, STATE_DICT_SUFFIXES, "--state-dict-out")
         if args.state_dict_out else None
     )  # fmt: skip
+    save_out = check_output_path(args.save, (".safetensors",), "--save") if args.save else None
     report_out = check_output_path(args.report, (".json",), "--report") if args.report else None
     export_onnx = onnx_exporter() if out is not None and out.suffix == ".onnx" else None
     kwargs = conversion_kwargs(args)
@@ -189,10 +239,16 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         with progress.step("load model"):
             model, example, _ = load_model(args)
+        if export_onnx is not None and example.kwargs:
+            raise UsageError(
+                f"-o {args.output!r}: ONNX export takes positional inputs, not keyword inputs "
+                f"({', '.join(example.kwargs)})",
+                hint="write a .pt2 file, or give the inputs positionally (--example-shape D0,..)",
+            )
         notes = []
         distilled = distill_batches(args, model, example) if args.distill else None
         if calibration is not None:
-            calibration = _checked_calibration(model, calibration, example[0].dtype)
+            calibration = _checked_calibration(model, calibration, parse_dtype(args.dtype))
         if calibration is not None and args.mode == "factorize":
             kwargs["calibration"] = calibration
         elif calibration is not None:
@@ -220,24 +276,29 @@ def run_convert(args: argparse.Namespace) -> int:
         with StagedOutputs() as staged:
             with progress.step("export"):
                 if out is not None and export_onnx is not None:
-                    onnx_example = example[0] if len(example) == 1 else example
+                    onnx_example = example.args[0] if len(example.args) == 1 else example.args
                     onnx = staged.stage(out, lambda p: export_onnx(converted, onnx_example, str(p)))
                     if isinstance(getattr(onnx, "max_abs_error", None), float):
                         verification["onnx_max_abs_error"] = onnx.max_abs_error
                 elif out is not None:
-                    program = staged.stage(
+                    _, verification["export_rel_error"] = staged.stage(
                         out, lambda p: save_program(converted, example, p, notes=report.notes)
                     )
-                    verification["export_rel_error"] = check_export(program, converted, example)
             with progress.step("save"):
                 if sd_out is not None:
                     staged.stage(
                         sd_out,
                         lambda p: save_state_dict(converted.state_dict(), p, kind=sd_out.suffix),
                     )
+                if save_out is not None:
+                    staged.stage(save_out, lambda p: save_converted(converted, p))
                 if report_out is not None:
                     staged.stage(report_out, lambda p: p.write_text(report.to_json() + "\n"))
-            for path, key in ((out, "program"), (sd_out, "state_dict"), (report_out, "report")):
+            outputs = (
+                (out, "program"), (sd_out, "state_dict"),
+                (save_out, "saved"), (report_out, "report"),
+            )  # fmt: skip
+            for path, key in outputs:
                 if path is not None:
                     written[key] = str(path)
             staged.commit()
@@ -251,11 +312,11 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def convert_summary(
-    report: Any, verification: dict[str, Any], example: tuple[Tensor, ...], written: dict
+    report: Any, verification: dict[str, Any], example: ExampleInputs, written: dict
 ) -> str:
     """The text ``convert`` prints: the report table, verification results, files written."""
     lines = [str(report)]
-    shapes = ", ".join(str(tuple(t.shape)) for t in example)
+    shapes = describe_example(example)
     if verification.get("output_rel_error") is not None:
         lines.append(
             f"verify: output relative error vs the original {verification['output_rel_error']:.2e} "

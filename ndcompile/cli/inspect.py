@@ -1,14 +1,19 @@
 """``ndcompile inspect``: what convert would do to a model, or what a ``.pt2`` contains.
 
-For a model, :func:`plan_model` traces it and lists every Linear/NdLinear site with
-its planned modes (and where they come from), parameters and FLOPs before and after,
-and whether convert would rewrite it or skip it (with the reason). For an exported
-program, :func:`describe_program` lists the parameters, the NdLinear factor groups
-and the linear/matmul ops. Neither writes anything.
+For a model, :func:`plan_model` traces it with torch.fx and lists every
+Linear/NdLinear site with its planned modes (and where they come from), parameters
+and FLOPs before and after, and whether convert would rewrite it or skip it (with
+the reason). Models torch.fx cannot trace, and models called with keyword inputs,
+are captured as convert captures them (torch.export, forward hooks where that
+fails) and every Linear-like layer (``nn.Linear``, transformers ``Conv1D``,
+``F.linear`` calls) gets a row. For an exported program, :func:`describe_program`
+lists the parameters, the NdLinear factor groups and the linear/matmul ops.
+Neither writes anything.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Sequence
@@ -16,8 +21,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import nn
 
+from ndcompile.errors import UntraceableError
+from ndcompile.frontend.capture import capture_linear_calls
+from ndcompile.frontend.inputs import ExampleInputs, example_inputs
+from ndcompile.frontend.module_sites import plan_module_sites
 from ndcompile.frontend.sites import LinearSite, ShapeOverrides, find_linear_sites
 from ndcompile.frontend.trace import is_reference_ndlinear, node_shape, propagate_shapes, trace
 from ndcompile.ir.network import TensorNetwork
@@ -39,11 +48,11 @@ _VIEW_OPS = {
 
 def _site_row(site: LinearSite, mode: str, rank: int, tol: float | None, optimizer: str) -> dict:
     m = site.module
-    calls = len(site.nodes)
+    calls = site.n_calls
     bias = m.bias is not None
     row: dict[str, Any] = {
         "name": site.name,
-        "kind": "Linear",
+        "kind": site.kind,
         "in_features": m.in_features,
         "out_features": m.out_features,
         "in_shape": site.in_shape,
@@ -93,41 +102,102 @@ def _site_row(site: LinearSite, mode: str, rank: int, tol: float | None, optimiz
     return row
 
 
+def _as_ndlinear(module: nn.Module) -> tuple[NdLinear, str] | None:
+    """A private NdLinear for an NdLinear-like module (ours or the reference package's)."""
+    if isinstance(module, NdLinear):
+        return copy.deepcopy(module), "NdLinear"
+    if is_reference_ndlinear(module):
+        return NdLinear.from_reference(module), "ndlinear.NdLinear"
+    return None
+
+
+def _ndlinear_row(
+    name: str, module: nn.Module, layer: NdLinear, kind: str, rows_in: int, mode: str
+) -> dict:
+    """The row of an NdLinear-like ``module`` (planned as ``layer``) called on ``rows_in`` rows."""
+    layer.replan(plan_batch=max(rows_in, 1))
+    plan = layer.plan()
+    params = sum(p.numel() for p in module.parameters())
+    return {
+        "name": name, "kind": kind,
+        "in_features": layer.in_features, "out_features": layer.out_features,
+        "in_shape": layer.in_shape, "out_shape": layer.out_shape,
+        "mode_source": "layer", "rank": layer.rank,
+        "params_before": params, "params_after": params,
+        "flops_before": plan.naive_flops, "flops_after": plan.flops,
+        "action": "inline" if mode == "exact" else "keep",
+        "reason": None if mode == "exact" else "already factorized (use --mode exact)",
+    }  # fmt: skip
+
+
 def _ndlinear_rows(gm: fx.GraphModule, mode: str) -> list[dict]:
     rows = []
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if isinstance(module, NdLinear):
-            layer, kind = module, "NdLinear"
-        elif is_reference_ndlinear(module):
-            layer, kind = NdLinear.from_reference(module), "ndlinear.NdLinear"
-        else:
+        found = _as_ndlinear(module)
+        if found is None:
             continue
+        layer, kind = found
         shape = node_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         rows_in = math.prod(shape[: -len(layer.in_shape)]) if shape else 1
-        layer.replan(plan_batch=max(rows_in, 1))
-        plan = layer.plan()
-        params = sum(p.numel() for p in module.parameters())
-        rows.append(
-            {
-                "name": node.target, "kind": kind,
-                "in_features": layer.in_features, "out_features": layer.out_features,
-                "in_shape": layer.in_shape, "out_shape": layer.out_shape,
-                "mode_source": "layer", "rank": layer.rank,
-                "params_before": params, "params_after": params,
-                "flops_before": plan.naive_flops, "flops_after": plan.flops,
-                "action": "inline" if mode == "exact" else "keep",
-                "reason": None if mode == "exact" else "already factorized (use --mode exact)",
-            }
-        )  # fmt: skip
+        rows.append(_ndlinear_row(str(node.target), module, layer, kind, rows_in, mode))
     return rows
+
+
+def _module_ndlinear_rows(model: nn.Module, mode: str) -> list[dict]:
+    """NdLinear-like layers of a model without a graph (FLOPs per row of input)."""
+    rows = []
+    for name, module in model.named_modules():
+        found = _as_ndlinear(module) if name else None
+        if found is not None:
+            rows.append(_ndlinear_row(name, module, *found, rows_in=1, mode=mode))
+    return rows
+
+
+def _graph_sites(
+    model: nn.Module, example: ExampleInputs, opts: ConvertOptions
+) -> tuple[list[LinearSite], list[dict]]:
+    """Sites and NdLinear rows from a torch.fx trace (raises UntraceableError)."""
+    if example.kwargs:
+        raise UntraceableError("keyword example inputs: the traced graph is called positionally")
+    gm = trace(model)
+    try:
+        propagate_shapes(gm, example.args)
+    except Exception as exc:  # shapes the graph cannot reproduce: capture instead
+        raise UntraceableError(f"shape propagation failed: {type(exc).__name__}") from exc
+    sites = find_linear_sites(gm, shapes=opts.shapes, include=opts.include, exclude=opts.exclude)
+    return sites, _ndlinear_rows(gm, opts.mode)
+
+
+def _captured_sites(
+    model: nn.Module, example: ExampleInputs, opts: ConvertOptions, notes: list[str]
+) -> tuple[list[LinearSite], list[dict]]:
+    """Sites as ``convert`` finds them: capture a copy with torch.export (or hooks)."""
+    work = copy.deepcopy(model)
+    capture = capture_linear_calls(work, example)
+    if capture.fallback_reason is not None:
+        notes.append(
+            f"torch.export could not capture {type(model).__name__} ({capture.fallback_reason}); "
+            "layers were found with forward hooks (modes from the feature sizes)"
+        )
+    sites = plan_module_sites(
+        work,
+        capture,
+        shapes=opts.shapes,
+        include=opts.include,
+        exclude=opts.exclude,
+        n_modes=opts.n_modes,
+        min_features=opts.min_features,
+    )
+    notes.append(f"layers found with {capture.method}")
+    return sites, _module_ndlinear_rows(work, opts.mode)
 
 
 def plan_model(
     model: nn.Module,
-    example: tuple[Tensor, ...],
+    example: Any,
     *,
     mode: str = "fresh",
     rank: int | None = None,
@@ -137,13 +207,29 @@ def plan_model(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     optimizer: str = "auto",
+    notes: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per Linear/NdLinear site of ``model``: modes, params, FLOPs, action.
+    """One row per Linear-like/NdLinear site of ``model``: modes, params, FLOPs, action.
 
-    The model is traced on a copy-free basis (tracing does not modify it) and
-    nothing is converted; FLOPs are counted on the example input. With ``budget``
-    the rows show the pure Kronecker sum at the budget (conversion may pick a
-    Kronecker + low-rank hybrid of the same size).
+    Nothing is converted and ``model`` is not modified. The model is traced with
+    torch.fx; when it cannot be (or is called with keyword inputs) a copy is
+    captured as ``convert`` captures it, so every Linear-like layer still gets a
+    row, with the same skip rules. FLOPs are counted on the example input. With
+    ``budget`` the rows show the pure Kronecker sum at the budget (conversion may
+    pick a Kronecker + low-rank hybrid of the same size).
+
+    Args:
+        model: The model.
+        example: How it is called (any form :func:`ndcompile.convert` takes).
+        mode: Conversion mode; the other options are those of ``convert``.
+        rank: Kronecker rank.
+        tol: ``factorize``: relative weight error.
+        budget: ``factorize``: parameter fraction per layer.
+        shapes: Per-layer mode overrides.
+        include: Layer-name globs to convert.
+        exclude: Layer-name globs to skip.
+        optimizer: Contraction-order optimizer.
+        notes: Where notes on how the layers were found are appended.
     """
     opts = ConvertOptions(
         mode=mode,
@@ -155,11 +241,14 @@ def plan_model(
         exclude=exclude,  # type: ignore[arg-type]
         optimizer=optimizer,
     )
+    notes = [] if notes is None else notes
+    call = example_inputs(example)
     strategy = get_mode(mode)
-    gm = trace(model)
-    propagate_shapes(gm, example)
-    rows = _ndlinear_rows(gm, mode)
-    sites = find_linear_sites(gm, shapes=shapes, include=opts.include, exclude=opts.exclude)
+    try:
+        sites, rows = _graph_sites(model, call, opts)
+    except UntraceableError as exc:
+        notes.append(f"not traceable with torch.fx ({str(exc).splitlines()[0]})")
+        sites, rows = _captured_sites(model, call, opts, notes)
     for site in sites:
         if site.convertible and strategy.replaces_sites:
             site.skip_reason = strategy.skip_reason(site, opts)

@@ -49,6 +49,9 @@ _EPILOG = """examples:
   ndcompile inspect mypkg.models:build --example-shape 8,3,32,32
   ndcompile inspect model.pt2
   ndcompile bench path/to/models.py:build --example-shape 8,3,32,32 --mode fresh
+  ndcompile convert hf.py:build --example-shape 2,16 --example-dtype long --mode fresh \\
+      -o model.pt2 --save model.safetensors
+  ndcompile inspect hf.py:build --example inputs.pt
 
 exit status: 0 done, 1 conversion failed, 2 bad input (set NDCOMPILE_TRACEBACK=1 for tracebacks)
 """
@@ -82,11 +85,33 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_model_options(p: argparse.ArgumentParser, *, shape_required: bool) -> None:
+def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dict", metavar="CKPT", help="weights: torch.save file or .safetensors")
     p.add_argument(
-        "--example-shape", action="append", metavar="D0,D1,..", required=shape_required,
-        help="shape of the example input (repeat for models with several inputs)",
+        "--example-shape",
+        action="append",
+        metavar="[NAME=]D0,D1,..",
+        help="shape of a random example input, positional or NAME=.. by keyword (repeat for "
+        "models with several inputs)",
+    )
+    p.add_argument(
+        "--example-dtype",
+        action="append",
+        metavar="DTYPE",
+        help="dtype of the random inputs: one for all or one per --example-shape (long, int32, "
+        "bool, float32, ...; default: --dtype); integer inputs are token ids",
+    )
+    p.add_argument(
+        "--example-high",
+        type=_positive_int,
+        metavar="N",
+        help="integer inputs are drawn from [0, N) (default: the model's config.vocab_size, "
+        "else 2)",
+    )
+    p.add_argument(
+        "--example", metavar="FILE",
+        help="example inputs (.pt or .safetensors): a dict of named tensors (keyword "
+        "arguments), a tensor or a list of tensors (positional)",
     )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model/input dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the example input and init")
@@ -129,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="convert a model and save it (.pt2 / state_dict)")
     conv.add_argument("model", metavar="MODULE:FACTORY", help="pkg.module:fn or file.py:fn")
-    _add_model_options(conv, shape_required=True)
+    _add_model_options(conv)
     _add_conversion_options(conv, mode_required=True)
     conv.add_argument("--calibration", metavar="DATA", help="inputs (tensor or list) for fitting")
     conv.add_argument(
@@ -146,18 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--state-dict-out", metavar="CKPT", help="converted weights: .pt/.safetensors"
     )
+    conv.add_argument(
+        "--save", metavar="FILE.safetensors",
+        help="the converted model with ndcompile.save (weights + layer descriptions; "
+        "ndcompile.load rebuilds it)",
+    )  # fmt: skip
     conv.add_argument("--quiet", action="store_true", help="print nothing but errors")
     conv.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
     insp = sub.add_parser("inspect", help="list a model's Linear sites or a .pt2's layers")
     insp.add_argument("target", metavar="OUT.pt2|MODULE:FACTORY")
-    _add_model_options(insp, shape_required=False)
+    _add_model_options(insp)
     _add_conversion_options(insp, mode_required=False)
     insp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
     bench = sub.add_parser("bench", help="time the original vs the converted model")
     bench.add_argument("model", metavar="MODULE:FACTORY", help="pkg.module:fn or file.py:fn")
-    _add_model_options(bench, shape_required=True)
+    _add_model_options(bench)
     _add_conversion_options(bench, mode_required=False)
     bench.add_argument("--repeat", type=_positive_int, default=20, help="timed runs")
     bench.add_argument("--warmup", type=int, default=3, help="untimed runs first")
@@ -175,13 +205,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
             args, format_program(info, f"exported program {target}"), {"command": "inspect", **info}
         )
         return 0
-    if not args.example_shape:
-        raise UsageError("inspect MODULE:FACTORY needs --example-shape D0,D1,..")
     args.model = target
     model, example, _ = load_model(args)
-    rows = plan_model(model, example, **conversion_kwargs(args))
-    title = f"{target} (mode {args.mode!r}, example input {[tuple(t.shape) for t in example]})"
-    emit(args, format_plan(rows, title), {"command": "inspect", "mode": args.mode, "layers": rows})
+    notes: list[str] = []
+    rows = plan_model(model, example, notes=notes, **conversion_kwargs(args))
+    title = f"{target} (mode {args.mode!r}, example input {example.describe()})"
+    text = "\n".join([format_plan(rows, title), *(f"  note: {n}" for n in notes)])
+    data = {"command": "inspect", "mode": args.mode, "layers": rows, "notes": notes}
+    emit(args, text, data)
     return 0
 
 

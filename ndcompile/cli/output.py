@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ndcompile.cli.loading import UsageError
-from ndcompile.errors import NdCompileError
 from ndcompile.fileio import default_file_mode, publish, temp_path_for
-from ndcompile.pipeline.checks import relative_error
 
 __all__ = [
     "PROGRAM_SUFFIXES",
@@ -36,10 +34,7 @@ __all__ = [
     "Terminated",
     "check_output_path",
     "deferred_signals",
-    "export_error",
-    "export_program",
     "onnx_exporter",
-    "save_program",
     "save_state_dict",
     "terminate_on_signals",
 ]
@@ -174,124 +169,6 @@ class StagedOutputs:
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
-
-
-#: Rows of the example input an exported program is traced (and stored) with.
-EXPORT_ROWS = 2
-
-
-def _few_rows(example: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The first :data:`EXPORT_ROWS` rows of each input (repeated if it has fewer), copied.
-
-    A copy, so the program stores a small tensor rather than a view of the whole input.
-    """
-    out = []
-    for t in example:
-        if t.dim() == 0:
-            out.append(t.clone())
-        elif t.shape[0] >= EXPORT_ROWS:
-            out.append(t[:EXPORT_ROWS].clone())
-        else:
-            reps = -(-EXPORT_ROWS // max(t.shape[0], 1))
-            out.append(t.repeat(reps, *([1] * (t.dim() - 1)))[:EXPORT_ROWS].clone())
-    return tuple(out)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
-#: Largest relative error of an exported program vs the module, per dtype (default 1e-2).
-EXPORT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-def export_error(program: Any, module: nn.Module, example: tuple[Tensor, ...]) -> float:
-    """Relative error of ``program`` vs ``module`` on ``example``.
-
-    Raises:
-        NdCompileError: Beyond floating-point tolerance for the example's dtype.
-        Exception: Whatever running the program raises (e.g. a shape guard).
-    """
-    with torch.no_grad():
-        want, got = module(*example), program.module()(*example)
-    err = relative_error(want, got)
-    if err > EXPORT_TOLERANCE.get(example[0].dtype, 1e-2):
-        raise NdCompileError(
-            f"the exported program differs from the converted module (relative error {err:.2e})",
-            hint="save the weights with --state-dict-out and report the model",
-        )
-    return err
-
-
-def export_program(module: nn.Module, example: tuple[Tensor, ...]) -> tuple[Any, str | None]:
-    """``torch.export`` ``module`` with a dynamic batch dimension, or statically if it must.
-
-    The program is traced on a few rows of ``example`` with dim 0 of every input
-    dynamic and checked on the whole ``example``; it stores those few rows as its
-    sample inputs. If that fails, it is exported with the shapes of ``example``
-    (and stores no sample inputs), and the note says so.
-
-    Returns:
-        The ``ExportedProgram`` and a note for the report (``None`` when dynamic).
-
-    Raises:
-        NdCompileError: If the static export fails too.
-    """
-    from torch.export import Dim
-
-    batched = [t.dim() > 0 for t in example]
-    if any(batched):
-        dynamic = tuple({0: Dim.DYNAMIC} if b else None for b in batched)
-        try:
-            program = torch.export.export(module, _few_rows(example), dynamic_shapes=dynamic)
-            export_error(program, module, example)
-            return program, None
-        except Exception as exc:
-            reason = _first_line(exc)[:200]
-    else:
-        reason = "the inputs have no batch dimension"
-    try:
-        program = torch.export.export(module, example)
-    except Exception as exc:
-        raise NdCompileError(
-            f"torch.export failed on the converted model: {_first_line(exc)}",
-            hint="save the weights with --state-dict-out instead",
-        ) from exc
-    program.example_inputs = None  # the whole example would be stored otherwise
-    shapes = ", ".join(str(tuple(t.shape)) for t in example)
-    note = (
-        f"exported program has static input shapes {shapes} (only this batch size runs): "
-        f"dynamic batch export failed: {reason}"
-    )
-    return program, note
-
-
-def save_program(
-    module: nn.Module, example: tuple[Tensor, ...], path: Path, notes: list[str] | None = None
-) -> Any:
-    """Export ``module`` (see :func:`export_program`) and ``torch.export.save`` it to ``path``.
-
-    Args:
-        module: The converted module.
-        example: The example inputs (the batch dimension is exported dynamic when possible).
-        path: The file to write.
-        notes: Where a note on a static fallback is appended.
-
-    Returns:
-        The ``ExportedProgram``.
-
-    Raises:
-        NdCompileError: If export fails.
-    """
-    program, note = export_program(module, example)
-    if note is not None and notes is not None:
-        notes.append(note)
-    with open(path, "wb") as handle, deferred_signals():
-        # a handle, so the archive is not named after the temp file; signals are held
-        # because torch's zip writer calls handle.write from C++
-        torch.export.save(program, handle)
-    return program
 
 
 def save_state_dict(state_dict: Mapping[str, Tensor], path: Path, *, kind: str) -> None:
