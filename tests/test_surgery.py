@@ -156,3 +156,25 @@ def test_example_input_forms() -> None:
     assert example_inputs({"ids": x.long()}).describe() == "{'ids': (2, 3) int64}"
     with pytest.raises(NdCompileError, match="string keys"):
         example_inputs({1: x})
+
+
+def test_torchscript_model_is_refused() -> None:
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(64, 64)))
+    with pytest.raises(NdCompileError, match="TorchScript module"):
+        ndcompile.convert(scripted, torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("kind", ["legacy", "parametrization"])
+def test_reparametrized_weights_are_skipped_with_the_reason(kind: str) -> None:
+    norm = nn.utils.weight_norm if kind == "legacy" else nn.utils.parametrizations.weight_norm
+    model = nn.Sequential(norm(nn.Linear(64, 64)), nn.ReLU(), nn.Linear(64, 64))
+    converted = ndcompile.convert(model, torch.randn(2, 64), mode="fresh")
+    entry = converted.report.layer("0")
+    assert entry.status == "skipped" and "weight is computed by" in entry.reason
+    assert converted.report.layer("2").status == "converted"
+
+
+def test_save_to_a_missing_folder_is_a_clear_error(tmp_path) -> None:
+    converted = ndcompile.convert(nn.Sequential(nn.Linear(64, 64)), torch.randn(2, 64))
+    with pytest.raises(NdCompileError, match="does not exist"):
+        ndcompile.save(converted, tmp_path / "missing" / "m.safetensors")

@@ -158,6 +158,12 @@ def save(converted: nn.Module, path: str | os.PathLike, *, example_input: Any = 
             f"{type(converted).__name__} without a conversion report",
             hint="for a plain module use torch.save(model.state_dict(), ...)",
         )
+    if not Path(path).parent.is_dir():
+        raise NdCompileError(
+            f"cannot save to {os.fspath(path)!r}: the folder {os.fspath(Path(path).parent)!r} "
+            "does not exist",
+            hint="create the folder first",
+        )
     module_output = report.output == "module"
     if report.mode not in REBUILDABLE_MODES and not module_output:
         raise NdCompileError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.capture import Capture, LinearCall, linear_like
@@ -130,7 +131,14 @@ def _site(
     site.skip_reason = _inside(name, containers)
     if site.skip_reason is not None:
         return site
-    if not found:
+    computed = _computed_weight(module)
+    if computed is not None:
+        site.skip_reason = (
+            f"its weight is computed by {computed}, not a plain parameter; remove the "
+            "reparametrization (e.g. torch.nn.utils.parametrize.remove_parametrizations) "
+            "to convert it"
+        )
+    elif not found:
         how = "(captured with torch.export)" if capture.method == "torch.export" else ""
         site.skip_reason = f"not called on the example input {how}".strip()
     elif any(c.kind == "F.linear" for c in found):
@@ -142,6 +150,17 @@ def _site(
     elif kind == "Linear" and type(module) is not nn.Linear:
         site.skip_reason = f"{type(module).__name__} subclasses nn.Linear; its forward may differ"
     return site
+
+
+def _computed_weight(module: nn.Module) -> str | None:
+    """What computes a layer's weight when it is not a plain parameter (None if it is)."""
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = [type(p).__name__ for p in module.parametrizations["weight"]]  # type: ignore[union-attr,index]
+        return f"a parametrization ({', '.join(kinds)})"
+    if "weight" not in module._parameters:
+        hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+        return f"a forward pre-hook ({', '.join(hooks) or 'unknown'})"
+    return None
 
 
 def _functional_site(model: nn.Module, name: str, found: list[LinearCall]) -> LinearSite:

@@ -15,6 +15,7 @@ import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -175,6 +176,12 @@ def convert(
         raise NdCompileError(
             f"convert() takes an nn.Module, got {type(model).__name__}",
             hint="pass the model object (a torch.nn.Module)",
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise NdCompileError(
+            f"{type(model).__name__} is a TorchScript module: its layers cannot be replaced",
+            layer=type(model).__name__,
+            hint="convert the Python model before torch.jit.script/trace",
         )
     example = example_inputs(example_input)
     if options.output == "auto" and options.mode == "exact" and not example.kwargs:
