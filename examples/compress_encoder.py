@@ -151,7 +151,7 @@ def main(
     layers: int = 2,
     budgets: tuple[float, ...] = (0.2, 0.1),
     steps: int = 200,
-    whole_model_steps: int = 300,
+    whole_model_steps: int | None = None,
     lr: float = 3e-3,
     seed: int = 0,
     verbose: bool = True,
@@ -205,7 +205,7 @@ def main(
             ("best at budget", ", ".join(chosen), hybrid),
         ):
             converted_acc, converted_err = accuracy(gm, x_te, y_te), logit_error(gm)
-            distill(gm, dense, calibration, steps=steps, progress=False)
+            distill(gm, dense, calibration, steps=steps, whole_model=False, progress=False)
             layerwise_acc, layerwise_err = accuracy(gm, x_te, y_te), logit_error(gm)
             distill(
                 gm,
@@ -233,7 +233,7 @@ def main(
         print(
             f"digits rows as tokens: encoder d={dim}, MLP {hidden}, {layers} layers, trained "
             f"{epochs} epochs (Adam lr {lr}); layer-wise distillation {steps} steps per layer, "
-            f"whole-model {whole_model_steps} steps; seed {seed}; "
+            f"whole-model {whole_model_steps or 'until converged'} steps; seed {seed}; "
             f"{time.perf_counter() - start:.0f} s"
         )
         print(markdown_table(rows))
@@ -245,7 +245,9 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.1])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--whole-model-steps", type=int, default=300)
+    parser.add_argument(
+        "--whole-model-steps", type=int, default=None, help="default: until converged"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()

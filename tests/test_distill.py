@@ -85,7 +85,8 @@ def test_factorize_then_distill_recovers_accuracy(digits: dict) -> None:
         assert entry.error_after < 0.9 * entry.error_before, entry
         assert entry.method == "als+adam" and entry.error_source == "heldout"
     whole = report.whole_model
-    assert whole is not None and whole.error_after < 0.5 * whole.error_before
+    assert whole is not None and whole.loss == "kl"  # the head's output: logits
+    assert whole.loss_after < 0.5 * whole.loss_before
     final_acc = _accuracy(gm, x_te, y_te)
     assert final_acc >= dense_acc - 0.04
     assert final_acc > converted_acc + 0.5
@@ -111,7 +112,7 @@ def test_reported_layer_errors_are_real(digits: dict) -> None:
         return float((ref - got).norm() / ref.norm())
 
     before = layer_error()
-    report = distill(gm, dense, batches, steps=30, progress=False)
+    report = distill(gm, dense, batches, steps=30, whole_model=False, progress=False)
     entry = report.layer("fc2")
     assert entry.error_before == pytest.approx(before, rel=1e-4)
     assert entry.error_after == pytest.approx(layer_error(), rel=1e-4)
@@ -151,6 +152,7 @@ def test_layerwise_statistics_stay_bounded_on_a_long_stream() -> None:
         _stream(100, 1000, 4096, alive),
         steps=5,
         reservoir_rows=cap,
+        whole_model=False,
         progress=False,
     )
     entry = report.layers[0]
@@ -211,7 +213,7 @@ def test_layer_kinds(bias: bool | str, lowrank: int, method: str) -> None:
     original.add_module("fc", nn.Linear(32, 24, bias=bias is not False))
     holder = HybridHolder(bias, lowrank)
     data = [torch.randn(40, 32) @ torch.randn(32, 32) for _ in range(10)]
-    report = distill(holder, original, data, steps=50, progress=False)
+    report = distill(holder, original, data, steps=50, whole_model=False, progress=False)
     entry = report.layer("fc")
     assert entry.method == method
     assert entry.error_after < entry.error_before
@@ -242,7 +244,7 @@ def test_kl_whole_model_with_a_generator(digits: dict) -> None:
         ({"holdout": 1.0}, "holdout must be"),
         ({"accumulate": "all"}, "unknown accumulate"),
         ({"train": "some"}, "unknown train"),
-        ({"layerwise": False}, "nothing to do"),
+        ({"layerwise": False, "whole_model": False}, "nothing to do"),
     ],
 )
 def test_bad_options(kwargs: dict, match: str, digits: dict) -> None:
@@ -261,7 +263,7 @@ def test_bad_inputs(digits: dict) -> None:
     with pytest.raises(NdCompileError, match="all held out"):
         distill(gm, dense, [x], progress=False)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    distill(gm, dense, [x, x], holdout=0.0, steps=0, progress=False)  # one pass, train errors
+    distill(gm, dense, [x, x], holdout=0.0, steps=0, whole_model=False, progress=False)
     assert set(before) == set(gm.state_dict())
 
 
