@@ -34,7 +34,7 @@ from reliability_models import (
     rel_error,
 )
 
-EXAMPLES = {"exact": 150, "fresh": 80, "factorize": 60}
+EXAMPLES = {"exact": 150, "fresh": 80, "factorize": 60, "untouched": 30}
 RAN: Counter[str] = Counter()
 #: Layers rewritten across all examples (so a property cannot pass vacuously).
 REWRITTEN: Counter[str] = Counter()
@@ -239,6 +239,47 @@ def test_factorize_at_full_rank_is_exact(
     assert rel_error(model(x), gm(x)) <= 1e-9, (modes, rank)
     other = torch.randn(*[n + 2 for n in lead], d1 * d2, dtype=torch.float64)
     assert rel_error(model(other), gm(other)) <= 1e-9
+
+
+UNTOUCHED_MODES = {
+    "fresh": {},
+    "factorize": {"rank": 1, "skip_larger": False},
+    "adapter": {"zero_init": False},
+    "exact": {},
+}
+
+
+@settings(PROPERTY, max_examples=EXAMPLES["untouched"])
+@given(
+    case=fresh_specs(),
+    mode=st.sampled_from(sorted(UNTOUCHED_MODES)),
+    output=st.sampled_from(["auto", "module"]),
+    train=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_convert_leaves_the_users_model_untouched(
+    case: tuple[tuple[int, ...], list[OpSpec]], mode: str, output: str, train: bool, seed: int
+) -> None:
+    RAN["untouched"] += 1
+    features, spec = case
+    torch.manual_seed(seed)
+    model = build_random_model(spec).double().train(train)
+    calls: list[int] = []
+    hooked = list(model.modules())[seed % len(list(model.modules()))]
+    hooked.register_forward_hook(lambda m, i, o: calls.append(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: (p, p.requires_grad) for n, p in model.named_parameters()}
+    flags = [m.training for m in model.modules()]
+    hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
+    x = torch.randn(2, *features, dtype=torch.float64)
+    convert(model, x, mode=mode, output=output, min_features=4, **UNTOUCHED_MODES[mode])
+    REWRITTEN["untouched"] += 1
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items()), spec
+    assert {n: (p, p.requires_grad) for n, p in model.named_parameters()} == params
+    assert [m.training for m in model.modules()] == flags
+    assert [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()] == hooks
 
 
 def test_hypothesis_example_count() -> None:
