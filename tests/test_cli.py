@@ -282,7 +282,7 @@ BAD_INPUTS = [
     (["--mode", "fresh", "--example-shape", "8,15,16"], "", EXIT_USAGE,
      "rejects an example input of shape (8, 15, 16): RuntimeError: mat1 and mat2 shapes"),
     (["--mode", "fresh", "--example-shape", "8,16,16", "--example-shape", "8,16,16"], "",
-     EXIT_USAGE, "rejects an example input of shape (8, 16, 16), (8, 16, 16): TypeError"),
+     EXIT_USAGE, "gives 2 positional inputs, but TinyNet.forward takes 1 (x)"),
     (["--mode", "fresh", "--example-shape", "8,a"], "", EXIT_USAGE, "positive integers"),
     (["--mode", "fresh", "--state-dict", "garbage"], "", EXIT_USAGE, "cannot read"),
     (["--mode", "fresh", "--state-dict", "pickled"], "", EXIT_USAGE, "arbitrary unpickling"),

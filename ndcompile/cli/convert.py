@@ -19,6 +19,7 @@ from ndcompile.backends.serialize import save as save_converted
 from ndcompile.cli.data import forward_input_names, load_distill_data
 from ndcompile.cli.examples import (
     check_example_names,
+    describe_example,
     example_high,
     load_example_file,
     random_example,
@@ -43,25 +44,17 @@ from ndcompile.cli.output import (
     save_state_dict,
 )
 from ndcompile.compress.distill import distill
-from ndcompile.frontend.inputs import ExampleInputs, describe_value
+from ndcompile.frontend.inputs import ExampleInputs
 from ndcompile.pipeline.convert import convert, relative_error
 
 __all__ = [
     "conversion_kwargs",
     "convert_summary",
-    "describe_example",
     "emit",
     "load_model",
     "run_convert",
     "verify_outputs",
 ]
-
-
-def describe_example(example: ExampleInputs) -> str:
-    """``(8, 16, 16)`` or ``(2, 16) int64, attention_mask=(2, 16) bool``: shapes, not values."""
-    parts = [describe_value(a) for a in example.args]
-    parts += [f"{k}={describe_value(v)}" for k, v in example.kwargs.items()]
-    return ", ".join(parts)
 
 
 def _check_example_options(args: argparse.Namespace) -> None:

@@ -21,13 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from ndcompile.cli.loading import UsageError, load_tensor_file, parse_shape
-from ndcompile.frontend.inputs import ExampleInputs
+from ndcompile.frontend.inputs import ExampleInputs, describe_value
 
 __all__ = [
     "EXAMPLE_FORMATS",
     "INPUT_DTYPES",
     "ForwardSignature",
     "check_example_names",
+    "describe_example",
     "example_high",
     "load_example_file",
     "parse_example_shape",
@@ -150,6 +151,13 @@ def check_example_names(model: nn.Module, example: ExampleInputs, source: str) -
                 f"{source}: {sig.owner} takes no input named {name!r}; it takes {sig.takes()}",
                 hint="name the tensors after the forward's arguments",
             )
+
+
+def describe_example(example: ExampleInputs) -> str:
+    """``(8, 16, 16)`` or ``(2, 16) int64, attention_mask=(2, 16) bool``: shapes, not values."""
+    parts = [describe_value(a) for a in example.args]
+    parts += [f"{k}={describe_value(v)}" for k, v in example.kwargs.items()]
+    return ", ".join(parts)
 
 
 def example_high(model: nn.Module, high: int | None) -> int:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from ndcompile.cli.examples import describe_example
 from ndcompile.cli.output import deferred_signals
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.inputs import ExampleInputs, example_inputs
@@ -48,7 +49,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
-def _few_rows(value: Any) -> Any:
+def _few_rows(example: ExampleInputs) -> ExampleInputs:
     """The first :data:`EXPORT_ROWS` rows of every tensor (repeated if it has fewer), copied.
 
     A copy, so the program stores a small tensor rather than a view of the whole input.
@@ -64,7 +65,7 @@ def _few_rows(value: Any) -> Any:
         reps = -(-EXPORT_ROWS // max(t.shape[0], 1))
         return t.repeat(reps, *([1] * (t.dim() - 1)))[:EXPORT_ROWS].clone()
 
-    return tree_map(rows, value)
+    return ExampleInputs(tree_map(rows, example.args), tree_map(rows, example.kwargs))
 
 
 def _dtype(example: ExampleInputs) -> torch.dtype | None:
@@ -142,7 +143,7 @@ def _export(module: nn.Module, example: ExampleInputs) -> tuple[Any, str | None,
     program = torch.export.export(module, example.args, example.kwargs)
     program.example_inputs = None  # the whole example would be stored otherwise
     note = (
-        f"exported program has static input shapes {example.describe()} (only this batch "
+        f"exported program has static input shapes {describe_example(example)} (only this batch "
         f"size runs): dynamic batch export failed: {reason}"
     )
     return program, note, export_error(program, module, example)
