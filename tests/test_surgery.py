@@ -178,3 +178,31 @@ def test_save_to_a_missing_folder_is_a_clear_error(tmp_path) -> None:
     converted = ndcompile.convert(nn.Sequential(nn.Linear(64, 64)), torch.randn(2, 64))
     with pytest.raises(NdCompileError, match="does not exist"):
         ndcompile.save(converted, tmp_path / "missing" / "m.safetensors")
+
+
+def test_dropout_in_train_mode_does_not_fail_exact_verification() -> None:
+    ndlinear = pytest.importorskip("ndlinear")
+    model = nn.Sequential(
+        nn.Dropout(0.5), ndlinear.NdLinear((8, 8), (4, 4)), nn.Flatten(), nn.Linear(16, 16)
+    ).train()
+    x = torch.randn(3, 8, 8)
+    for output in ("graph", "module"):
+        converted = ndcompile.convert(model, x, mode="exact", output=output)
+        assert converted.report.output_rel_error <= 1e-5
+
+
+def test_untraceable_model_saves_and_loads(tmp_path) -> None:
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.fc1(x)) if x.sum().item() > -1e9 else x
+
+    x = torch.randn(4, 64)
+    converted = ndcompile.convert(Gate(), x, mode="factorize", rank=2)
+    assert {e.name for e in converted.report.converted} == {"fc1", "fc2"}
+    restored = ndcompile.load(ndcompile.save(converted, tmp_path / "g.safetensors"), Gate())
+    with torch.no_grad():
+        assert torch.equal(restored(x), converted(x))
