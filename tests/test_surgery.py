@@ -206,3 +206,13 @@ def test_untraceable_model_saves_and_loads(tmp_path) -> None:
     restored = ndcompile.load(ndcompile.save(converted, tmp_path / "g.safetensors"), Gate())
     with torch.no_grad():
         assert torch.equal(restored(x), converted(x))
+
+
+def test_progress_bar_counts_the_fitted_layers(capsys) -> None:
+    pytest.importorskip("tqdm")
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    ndcompile.convert(model, torch.randn(2, 64), mode="factorize", rank=1, progress=True)
+    err = capsys.readouterr().err
+    assert "factorize layers" in err and "2/2" in err
+    ndcompile.convert(model, torch.randn(2, 64), mode="factorize", rank=1)
+    assert "factorize layers" not in capsys.readouterr().err

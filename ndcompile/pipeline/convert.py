@@ -78,6 +78,7 @@ def convert(
     leaf_modules: Sequence[type[nn.Module]] = (),
     fallback: bool = True,
     output: str = "auto",
+    progress: bool = False,
     options: ConvertOptions | None = None,
 ) -> nn.Module:
     """Convert ``model``'s dense layers into NdLinear contractions.
@@ -132,6 +133,8 @@ def convert(
             ``fx.GraphModule``; needs a model torch.fx can trace) or ``"auto"``
             (module, except ``exact`` mode on a traceable model: region fusion
             needs the graph).
+        progress: Show a progress bar (layers done / total, ETA; needs ``tqdm``)
+            while layers are fitted.
         options: A prepared :class:`ConvertOptions` (then the keyword options above
             are ignored).
 
@@ -164,6 +167,7 @@ def convert(
             leaf_modules=tuple(leaf_modules),
             fallback=fallback,
             output=output,
+            progress=progress,
         )
     if isinstance(model, nn.Linear | NdLinear) or is_reference_ndlinear(model):
         raise NdCompileError(

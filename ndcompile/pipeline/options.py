@@ -99,6 +99,7 @@ class ConvertOptions:
     leaf_modules: tuple[type[nn.Module], ...] = ()
     fallback: bool = True
     output: str = "auto"
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -182,7 +183,7 @@ class ConvertOptions:
         """The options that describe the converted architecture, as JSON-ready values."""
         out = {}
         for f in fields(self):
-            if f.name in ("calibration", "leaf_modules"):
+            if f.name in ("calibration", "leaf_modules", "progress"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value

@@ -37,6 +37,7 @@ from ndcompile.pipeline.checks import (
 )
 from ndcompile.pipeline.modes import FitData, Mode, get_mode
 from ndcompile.pipeline.options import ConvertOptions
+from ndcompile.progress import progress
 from ndcompile.report import ConversionReport, LayerReport
 
 __all__ = ["convert_module", "install_layer"]
@@ -167,9 +168,8 @@ def _convert_sites(
             if reason is not None:
                 site.skip_reason = entries[site.name].reason = reason
     data = _fit_data(work, sites, example, opts) if mode.needs_fit_data else FitData()
-    for site in sites:
-        if not site.convertible:
-            continue
+    chosen = [site for site in sites if site.convertible]
+    for site in progress(chosen, desc=f"{opts.mode} layers", enabled=opts.progress):
         layer = mode.make_layer(site, entries[site.name], opts, data)
         if isinstance(layer, NdLinear):
             layer.flat = True
