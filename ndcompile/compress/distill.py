@@ -180,7 +180,8 @@ def _trained_params(student: nn.Module, train: str) -> tuple[list[torch.Tensor],
     nd_params = {id(p) for m in nd.values() for p in m.parameters() if p.requires_grad}
     params = [p for m in nd.values() for p in m.parameters() if p.requires_grad]
     count = sum(p.numel() for p in params)
-    text = f"NdLinear {', '.join(nd) or '(none)'} ({count:,} parameters)"
+    names = ", ".join(list(nd)[:6]) + (f" and {len(nd) - 6} more" if len(nd) > 6 else "")
+    text = f"NdLinear {names or '(none)'} ({count:,} parameters)"
     if train == "ndlinear":
         return params, text + "; the other layers stay as they are (train='ndlinear')"
     others: dict[str, int] = {}
