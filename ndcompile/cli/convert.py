@@ -23,6 +23,7 @@ from ndcompile.cli.examples import (
     example_high,
     load_example_file,
     random_example,
+    unnamed_inputs_hint,
 )
 from ndcompile.cli.export import save_program
 from ndcompile.cli.loading import (
@@ -102,6 +103,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, ExampleInputs, Any]
         check_example_names(model, example, "--example-shape")
         what = f"an example input of shape {describe_example(example)}"
         hint = "pass the input shape the model's forward expects with --example-shape"
+    hint = unnamed_inputs_hint(model, example) or hint
     reference = _run_model(model, example, what, hint=hint)
     return model, example, reference
 

@@ -34,6 +34,7 @@ __all__ = [
     "parse_example_shape",
     "parse_input_dtype",
     "random_example",
+    "unnamed_inputs_hint",
 ]
 
 #: ``--example-dtype`` names (torch's names and the usual aliases).
@@ -158,6 +159,16 @@ def describe_example(example: ExampleInputs) -> str:
     parts = [describe_value(a) for a in example.args]
     parts += [f"{k}={describe_value(v)}" for k, v in example.kwargs.items()]
     return ", ".join(parts)
+
+
+def unnamed_inputs_hint(model: nn.Module, example: ExampleInputs) -> str | None:
+    """A hint when ``example`` passes keywords ``model.forward`` only takes through ``**kwargs``."""
+    sig = ForwardSignature.of(model)
+    unknown = [k for k in example.kwargs if k not in sig.keywords]
+    if not unknown or not sig.keywords:
+        return None
+    listed = ", ".join(repr(k) for k in unknown)
+    return f"{listed} is not a named input of {sig.owner}; it takes {sig.takes()}"
 
 
 def example_high(model: nn.Module, high: int | None) -> int:
