@@ -5,8 +5,10 @@ its Linears is replaced by the nearest rank-R Kronecker sum of its trained weigh
 (Van Loan–Pitsianis): ``fc1`` on the 8x8 image modes, ``fc2`` on 16x16 -> 16x16, and
 the head through a ``shapes=`` override (256 -> 10 as 16x16 -> 2x5). The table shows
 the accuracy right after conversion (trained weights have little Kronecker
-structure, so it drops) and after a short fine-tune of the factors, next to the
-same architecture trained from a fresh init for the same number of epochs.
+structure, so it drops), after ``ndcompile.distill(converted, dense, x_train)`` at its
+defaults (no labels: the dense model is the teacher), and after a short fine-tune of
+the factors on the labels, next to the same architecture trained from a fresh init
+for the same number of epochs.
 
 Run::
 
@@ -42,9 +44,10 @@ def main(
     lr: float = 3e-3,
     finetune_lr: float = 3e-3,
     seed: int = 0,
+    distill: bool = True,
     verbose: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train, factorize at each rank, fine-tune; print and return the table rows."""
+    """Train, factorize at each rank, distil and fine-tune; print and return the table rows."""
     x_tr, y_tr, x_te, y_te = digits_split(0)
     torch.manual_seed(seed)
     dense = DigitsMLP(hidden)
@@ -59,6 +62,7 @@ def main(
             "fc2 weight err": "-",
             "logit err": "-",
             "acc converted %": round(dense_acc, 2),
+            "acc distilled %": "-",
             "acc fine-tuned %": "-",
             "acc fresh init %": "-",
         }
@@ -70,6 +74,13 @@ def main(
         if verbose and rank == ranks[0]:
             print(gm.report, end="\n\n")
         converted_acc = 100 * accuracy(gm, x_te, y_te)
+        distilled_acc: float | str = "-"
+        if distill:
+            student = ndcompile.convert(
+                dense, x_tr, mode="factorize", rank=rank, shapes=shapes, skip_larger=False
+            )
+            ndcompile.distill(student, dense, x_tr, progress=False)
+            distilled_acc = round(100 * accuracy(student, x_te, y_te), 2)
         train(gm, x_tr, y_tr, epochs=finetune_epochs, lr=finetune_lr, seed=seed)
         # the same architecture from a fresh init, trained as long as the fine-tune
         torch.manual_seed(seed)
@@ -85,6 +96,7 @@ def main(
                 "fc2 weight err": "-" if fc2_err is None else round(fc2_err, 3),
                 "logit err": round(gm.report.output_rel_error or 0.0, 3),
                 "acc converted %": round(converted_acc, 2),
+                "acc distilled %": distilled_acc,
                 "acc fine-tuned %": round(100 * accuracy(gm, x_te, y_te), 2),
                 "acc fresh init %": round(100 * accuracy(fresh, x_te, y_te), 2),
             }
