@@ -48,34 +48,28 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def _llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+def _decoder(config_cls: type, model_cls: type) -> Callable[[], nn.Module]:
+    """A Llama-style causal LM builder (Llama, Qwen2 share the config fields)."""
+
+    def build() -> nn.Module:
+        cfg = config_cls(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return model_cls(cfg)
+
+    return build
 
 
-def _qwen2() -> nn.Module:
-    cfg = transformers.Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.Qwen2ForCausalLM(cfg)
+_llama = _decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM)
+_qwen2 = _decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
 
 
 def _t5() -> nn.Module:

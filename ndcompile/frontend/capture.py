@@ -23,11 +23,11 @@ import contextlib
 import io
 import logging
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from ndcompile.errors import NdCompileError
 from ndcompile.frontend.inputs import ExampleInputs, tensor_leaves
 from ndcompile.frontend.sites import merged_modes
 
@@ -89,8 +89,8 @@ def is_conv1d(module: nn.Module) -> bool:
     return (
         cls.__name__ == "Conv1D"
         and hasattr(module, "nf")
-        and isinstance(getattr(module, "weight", None), Tensor)
-        and module.weight.dim() == 2
+        and isinstance(weight := getattr(module, "weight", None), Tensor)
+        and weight.dim() == 2
     )
 
 
@@ -210,7 +210,9 @@ def _describe_call(
         kind = None
     modes = None
     if getattr(x, "target", None) in _RESHAPES:
-        src = x.args[0].meta.get("val")  # type: ignore[union-attr]
+        # x is the reshape's fx.Node; its first argument is the node it reshapes.
+        reshaped = cast(torch.fx.Node, cast(torch.fx.Node, x).args[0])
+        src = reshaped.meta.get("val")
         if isinstance(src, Tensor):
             modes = merged_modes(tuple(int(d) for d in src.shape), shape, shape[-1])
     return LinearCall(owner, kind or "F.linear", shape, modes, param, caller)
@@ -233,13 +235,7 @@ def _hook_calls(model: nn.Module, example: ExampleInputs) -> Capture:
         with torch.no_grad():
             example(model)
     except Exception as exc:
-        raise NdCompileError(
-            f"running the model on the example input {example.describe()} failed: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}",
-            layer=type(model).__name__,
-            hint="give an example input the model accepts: a tensor, a tuple (positional), "
-            "a dict (keyword arguments) or (args, kwargs)",
-        ) from exc
+        raise example.failure(model, exc) from exc
     finally:
         for h in handles:
             h.remove()

@@ -47,6 +47,17 @@ class ExampleInputs:
         """Every tensor among the arguments."""
         return tensor_leaves((self.args, self.kwargs))
 
+    def failure(self, model: nn.Module, exc: BaseException) -> NdCompileError:
+        """The error for ``model`` failing on this example, naming the cause."""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return NdCompileError(
+            f"running the model on the example input {self.describe()} failed: "
+            f"{type(exc).__name__}: {first}",
+            layer=type(model).__name__,
+            hint="give an example input the model accepts: a tensor, a tuple (positional), "
+            "a dict (keyword arguments) or (args, kwargs)",
+        )
+
     def describe(self) -> str:
         """A one-line summary of shapes (and non-float32 dtypes), never tensor contents.
 

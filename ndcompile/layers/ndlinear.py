@@ -331,29 +331,15 @@ class NdLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the layer to ``x`` of shape ``(*, d1, ..., dN)`` (``(*, prod d)`` if flat)."""
-        if self.flat:
-            if x.dim() < 1 or x.shape[-1] != self.in_features:
-                raise NdCompileError(
-                    f"NdLinear(flat) expects input (*, {self.in_features}), got {tuple(x.shape)}",
-                    hint="the last dim must be the layer's in_features",
-                )
-            return apply_ndlinear(
-                x,
-                self.factor_operands(),
-                self.full_bias(),
-                self._plan,
-                self.in_shape,
-                self.out_shape,
-                flat_input=True,
-                lowrank=self.lowrank_operands(),
-                recompute=self.recompute,
-            )
-        n = len(self.in_shape)
-        if x.dim() < n or tuple(x.shape[-n:]) != self.in_shape:
+        expected = (self.in_features,) if self.flat else self.in_shape
+        n = len(expected)
+        if x.dim() < n or tuple(x.shape[-n:]) != expected:
             raise NdCompileError(
-                f"NdLinear expects input (*, {', '.join(map(str, self.in_shape))}), "
-                f"got {tuple(x.shape)}",
-                hint="reshape the input so its trailing dims are the layer's in_shape",
+                f"NdLinear{'(flat)' if self.flat else ''} expects input "
+                f"(*, {', '.join(map(str, expected))}), got {tuple(x.shape)}",
+                hint="the last dim must be the layer's in_features"
+                if self.flat
+                else "reshape the input so its trailing dims are the layer's in_shape",
             )
         return apply_ndlinear(
             x,
@@ -362,7 +348,7 @@ class NdLinear(nn.Module):
             self._plan,
             self.in_shape,
             self.out_shape,
-            flat_input=False,
+            flat_input=self.flat,
             lowrank=self.lowrank_operands(),
             recompute=self.recompute,
         )

@@ -157,13 +157,7 @@ def reference_outputs(model: nn.Module, example: ExampleInputs, *, eval_mode: bo
         with torch.no_grad(), unchanged_state(model, eval_mode=eval_mode):
             return example(model)
     except Exception as exc:
-        raise NdCompileError(
-            f"running the model on the example input {example.describe()} failed: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}",
-            layer=type(model).__name__,
-            hint="give an example input the model accepts: a tensor, a tuple (positional), "
-            "a dict (keyword arguments) or (args, kwargs)",
-        ) from exc
+        raise example.failure(model, exc) from exc
 
 
 def _nonfinite(value: Any) -> bool:

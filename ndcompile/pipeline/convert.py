@@ -46,7 +46,7 @@ from ndcompile.pipeline.checks import (
     relative_error,
     verify_outputs,
 )
-from ndcompile.pipeline.modes import FitData, Mode, get_mode
+from ndcompile.pipeline.modes import FitData, Mode, apply_skip_rules, get_mode
 from ndcompile.pipeline.options import MODES, ConvertOptions
 from ndcompile.pipeline.surgery import convert_module
 from ndcompile.report import ConversionReport
@@ -296,11 +296,7 @@ def _rewrite_sites(
         opts.check_layer_names(s.name for s in sites)
     entries = {site.name: layer_entry(site) for site in sites}
     report.layers.extend(entries.values())
-    for site in sites:
-        if site.convertible:
-            reason = mode.skip_reason(site, opts)
-            if reason is not None:
-                site.skip_reason = entries[site.name].reason = reason
+    apply_skip_rules(mode, sites, entries, opts)
     names = [s.name for s in sites if s.convertible]
     data = FitData()
     if mode.needs_fit_data and names:

@@ -9,7 +9,7 @@ inspect`` and the report all ask the same object, so they cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from ndcompile.pipeline.checks import fill_layer_stats
 from ndcompile.pipeline.options import ConvertOptions
 from ndcompile.report import LayerReport
 
-__all__ = ["MODE_REGISTRY", "FitData", "Mode", "get_mode"]
+__all__ = ["MODE_REGISTRY", "FitData", "Mode", "apply_skip_rules", "get_mode"]
 
 
 @dataclass
@@ -192,6 +192,22 @@ class ExactMode(Mode):
 
     def strict(self, opts: ConvertOptions) -> bool:
         return True
+
+
+def apply_skip_rules(
+    mode: Mode,
+    sites: Sequence[LinearSite],
+    entries: Mapping[str, LayerReport],
+    opts: ConvertOptions,
+) -> None:
+    """Give every plannable site the mode leaves dense its reason (site and report entry)."""
+    for site in sites:
+        if site.convertible:
+            reason = mode.skip_reason(site, opts)
+            if reason is not None:
+                site.skip_reason = reason
+                if site.name in entries:
+                    entries[site.name].reason = reason
 
 
 #: Mode name -> strategy.

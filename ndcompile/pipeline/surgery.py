@@ -35,7 +35,7 @@ from ndcompile.pipeline.checks import (
     reference_outputs,
     verify_outputs,
 )
-from ndcompile.pipeline.modes import FitData, Mode, get_mode
+from ndcompile.pipeline.modes import FitData, Mode, apply_skip_rules, get_mode
 from ndcompile.pipeline.options import ConvertOptions
 from ndcompile.progress import progress
 from ndcompile.report import ConversionReport, LayerReport
@@ -162,11 +162,7 @@ def _convert_sites(
     opts.check_layer_names(s.name for s in sites)
     entries = {site.name: layer_entry(site) for site in sites}
     report.layers.extend(entries.values())
-    for site in sites:
-        if site.convertible:
-            reason = mode.skip_reason(site, opts)
-            if reason is not None:
-                site.skip_reason = entries[site.name].reason = reason
+    apply_skip_rules(mode, sites, entries, opts)
     data = _fit_data(work, sites, example, opts) if mode.needs_fit_data else FitData()
     chosen = [site for site in sites if site.convertible]
     for site in progress(chosen, desc=f"{opts.mode} layers", enabled=opts.progress):
