@@ -8,15 +8,17 @@ import math
 import pytest
 import torch
 
+from ndcompile.compress.calibrated import (
+    accumulate_gram,
+    nearest_kronecker_calibrated,
+    output_rel_error,
+)
 from ndcompile.compress.kronecker import (
     KroneckerFit,
-    accumulate_gram,
     dense_params,
     kron_dense,
     kronecker_params,
     nearest_kronecker,
-    nearest_kronecker_calibrated,
-    output_rel_error,
     plan_mode_shapes,
     rank_for_tolerance,
     rearrange,

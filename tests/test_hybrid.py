@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from ndcompile.compress.calibrated import nearest_kronecker_calibrated, output_rel_error
 from ndcompile.compress.hybrid import (
     WhitenedMetric,
     budget_layer,
@@ -19,8 +20,6 @@ from ndcompile.compress.hybrid import (
 from ndcompile.compress.kronecker import (
     kron_dense,
     nearest_kronecker,
-    nearest_kronecker_calibrated,
-    output_rel_error,
 )
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.sites import LinearSite

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from ndcompile.compress.kronecker import (
+from ndcompile.compress.calibrated import (
     accumulate_gram,
-    kron_dense,
-    nearest_kronecker,
     nearest_kronecker_calibrated,
     output_rel_error,
+)
+from ndcompile.compress.kronecker import (
+    kron_dense,
+    nearest_kronecker,
     rank_for_tolerance,
     rearrange,
     unrearrange,

@@ -16,15 +16,18 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from ndcompile.compress.kronecker import (
+    KroneckerFit,
+    _check_rank,
+    _check_weight,
+    _fit_float64,
+    kron_dense,
+)
 from ndcompile.errors import NdCompileError
-
-if TYPE_CHECKING:
-    from ndcompile.compress.kronecker import KroneckerFit
 
 __all__ = [
     "accumulate_gram",
@@ -251,14 +254,6 @@ def nearest_kronecker_calibrated(
     Raises:
         NdCompileError: On mismatched shapes, an invalid rank or a wrongly shaped gram.
     """
-    from ndcompile.compress.kronecker import (
-        KroneckerFit,
-        _check_rank,
-        _check_weight,
-        _fit_float64,
-        kron_dense,
-    )
-
     _check_weight(w, in_shape, out_shape, layer)
     _check_rank(rank, in_shape, out_shape, layer)
     _check_gram(gram, w.shape[1], layer)

@@ -32,14 +32,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ndcompile.compress.calibrated import kron_als
+from ndcompile.compress.calibrated import kron_als, output_rel_error
 from ndcompile.compress.kronecker import (
     _check_weight,
     _max_rank,
     kron_dense,
     kronecker_params,
     nearest_kronecker,
-    output_rel_error,
     rearrange,
 )
 from ndcompile.compress.truncated import truncated_svd, use_truncated
@@ -422,7 +421,7 @@ def choose_form(
             f"gram must have shape ({in_f}, {in_f}), got {tuple(gram.shape)}",
             layer=layer,
             hint="accumulate it from this layer's inputs "
-            "(ndcompile.compress.kronecker.accumulate_gram)",
+            "(ndcompile.compress.calibrated.accumulate_gram)",
         )
     budget_params = int(budget * dense)
     kp1 = kronecker_params(in_shape, out_shape, 1)

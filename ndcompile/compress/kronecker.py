@@ -18,7 +18,7 @@ in float32, float64 Rayleigh–Ritz and errors) instead of a full float64 SVD.
 
 The activation-aware variant (:func:`nearest_kronecker_calibrated`,
 :func:`accumulate_gram`, :func:`output_rel_error`) lives in
-:mod:`ndcompile.compress.calibrated` and is re-exported here.
+:mod:`ndcompile.compress.calibrated`, which builds on this module (never the reverse).
 """
 
 from __future__ import annotations
@@ -33,23 +33,15 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from ndcompile.compress.calibrated import (
-    accumulate_gram,
-    nearest_kronecker_calibrated,
-    output_rel_error,
-)
 from ndcompile.compress.truncated import truncated_svd, use_truncated
 from ndcompile.errors import NdCompileError
 
 __all__ = [
     "KroneckerFit",
-    "accumulate_gram",
     "dense_params",
     "kron_dense",
     "kronecker_params",
     "nearest_kronecker",
-    "nearest_kronecker_calibrated",
-    "output_rel_error",
     "plan_mode_shapes",
     "rank_for_tolerance",
     "rearrange",

@@ -15,14 +15,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ndcompile.compress.calibrated import (
+    accumulate_gram,
+    nearest_kronecker_calibrated,
+    output_rel_error,
+)
 from ndcompile.compress.kronecker import (
     KroneckerFit,
-    accumulate_gram,
     kron_dense,
     kronecker_params,
     nearest_kronecker,
-    nearest_kronecker_calibrated,
-    output_rel_error,
     rank_for_tolerance,
 )
 from ndcompile.compress.truncated import truncated_svd
