@@ -13,9 +13,9 @@ import math
 import random
 import string
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -166,6 +166,11 @@ def _grad_leaves(inputs: Sequence[Any]) -> list[Any]:
     return out
 
 
+def _prefixed(prefix: str) -> Callable[[str], str]:
+    """An ``assert_close`` ``msg`` callable that prefixes torch's message."""
+    return lambda m: f"{prefix}: {m}"
+
+
 def _cotangents(outputs: Sequence[Tensor], seed: int) -> list[Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype) for y in outputs]
@@ -219,22 +224,20 @@ def assert_close_forward_backward(
         wrt = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
         wrt += [params[n] for n in names]
         cot = _cotangents(out, seed)
-        loss = sum((y * c).sum() for y, c in zip(out, cot, strict=True))
-        grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else ()
-        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt, strict=True)]
+        loss = cast(Tensor, sum((y * c).sum() for y, c in zip(out, cot, strict=True)))
+        raw = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else ()
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(raw, wrt, strict=True)]
         results.append((out, grads))
 
     (out1, g1), (out2, g2) = results
     if len(out1) != len(out2):
         raise AssertionError(f"modules return {len(out1)} vs {len(out2)} tensors")
     for k, (a, b) in enumerate(zip(out1, out2, strict=True)):
-        torch.testing.assert_close(
-            b, a, atol=atol, rtol=rtol, msg=lambda m, k=k: f"output {k}: {m}"
-        )
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=_prefixed(f"output {k}"))
     n_in = len(g1) - len(param_map)
     labels = [f"grad of input {k}" for k in range(n_in)]
     labels += [f"grad of parameter {a} / {b}" for a, b in param_map.items()]
     for label, a, b in zip(labels, g1, g2, strict=True):
         b = b.reshape(a.shape) if math.prod(a.shape) == b.numel() else b
-        torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m, lb=label: f"{lb}: {m}")
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=_prefixed(label))
     return list(param_map)

@@ -10,7 +10,7 @@ original as its cause).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
@@ -45,7 +45,8 @@ class ReportedResult(PassResult):
         notes: Sequence[str] = (),
         constants: Mapping[str, Any] | None = None,
     ) -> ReportedResult:
-        self = super().__new__(cls, graph_module, modified)
+        # PassResult is a NamedTuple; its stubbed __new__ returns the base type.
+        self = cast(ReportedResult, super().__new__(cls, graph_module, modified))
         self.layers = list(layers)
         self.notes = list(notes)
         self.constants = dict(constants or {})

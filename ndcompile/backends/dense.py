@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -159,8 +160,11 @@ def find_contraction_sites(gm: fx.GraphModule) -> list[ContractionSite]:
     sites = []
     for node, tag in order:
         if tag is None:
-            layer = gm.get_submodule(node.target)
-            sites.append(ContractionSite(node.target, node.args[0], node, len(layer.in_shape) == 1))
+            # An untagged site is a call_module of an NdLinear on its input node.
+            name = cast(str, node.target)
+            layer = cast(NdLinear, gm.get_submodule(name))
+            x = cast(fx.Node, node.args[0])
+            sites.append(ContractionSite(name, x, node, len(layer.in_shape) == 1))
         else:
             sites.append(_region_site(gm, tag, regions[tag]))
     return sites
@@ -213,7 +217,7 @@ def _densify_graph(gm: fx.GraphModule) -> None:
     graph = gm.graph
     replaced: dict[fx.Node, fx.Node] = {}
     for site in find_contraction_sites(gm):
-        layer: NdLinear = gm.get_submodule(site.layer)
+        layer = cast(NdLinear, gm.get_submodule(site.layer))
         with graph.inserting_before(site.output):
             x = replaced.get(site.input, site.input)
             if not site.flat:
@@ -236,7 +240,7 @@ def _densify_graph(gm: fx.GraphModule) -> None:
                 "a dense Linear",
                 layer=name,
             )
-        set_submodule(gm, name, gm.get_submodule(name).to_dense())
+        set_submodule(gm, name, cast(NdLinear, gm.get_submodule(name)).to_dense())
     graph.lint()
     gm.recompile()
 
@@ -285,10 +289,12 @@ def to_dense(converted: nn.Module, *, check: bool = True) -> nn.Module:
         raise NdCompileError(f"to_dense expects an nn.Module, got {type(converted).__name__}")
     dense = copy.deepcopy(converted)
     for name in _converted_graphs(dense):
-        graph_module = dense.get_submodule(name) if name else dense
+        # _converted_graphs names GraphModules ("" when the model is one).
+        graph_module = cast(fx.GraphModule, dense.get_submodule(name) if name else dense)
         _densify_graph(graph_module)
         if check:
-            _check_equal(converted.get_submodule(name) if name else converted, graph_module)
+            original = cast(fx.GraphModule, converted.get_submodule(name) if name else converted)
+            _check_equal(original, graph_module)
     for name, m in list(dense.named_modules()):
         if isinstance(m, NdLinear) and m.flat:  # a drop-in for nn.Linear (module surgery)
             set_submodule(dense, name, m.to_dense())

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -65,13 +65,18 @@ OPTION_KEYS: tuple[str, ...] = ("optimizer", "inductor", "report", "factorize", 
 #: A backend pass: ``(graph, example inputs, options) -> ReportedResult``.
 BackendPass = Callable[[fx.GraphModule, Sequence[Any], "BackendOptions"], ReportedResult]
 
+
+def _factorize(gm: fx.GraphModule, inputs: Sequence[Any], opts: BackendOptions) -> ReportedResult:
+    """The ``factorize`` pass; runs only when the ``factorize`` option is given."""
+    assert opts.factorize is not None
+    return factorize_linears(gm, inputs, opts.factorize, optimizer=opts.optimizer)
+
+
 #: Backend passes by name, in the order they run. ``factorize`` runs when the
 #: ``factorize`` option is given; the others when listed in ``passes``.
 PASS_REGISTRY: dict[str, BackendPass] = {
     "ndlinear": lambda gm, _inputs, opts: rewrite_mode_chains(gm, optimizer=opts.optimizer),
-    "factorize": lambda gm, inputs, opts: factorize_linears(
-        gm, inputs, opts.factorize, optimizer=opts.optimizer
-    ),
+    "factorize": _factorize,
     "linear_chain": lambda gm, _inputs, _opts: fuse_linear_chains(gm),
 }
 #: Exact passes selectable with the ``passes`` option.
@@ -294,7 +299,10 @@ def ndcompile_backend(
         if isinstance(opts.inductor, Mapping):
             patches.update(opts.inductor)
         inputs = [*example_inputs, *static_example_inputs(constants)]
-        compiled = compile_fx(work, inputs, config_patches=patches or None)
+        # Not AOT mode, so compile_fx returns the compiled callable.
+        compiled = cast(
+            Callable[..., Any], compile_fx(work, inputs, config_patches=patches or None)
+        )
     return _with_constants(compiled, constants) if constants else compiled
 
 

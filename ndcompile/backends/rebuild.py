@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,12 +24,12 @@ from ndcompile.compress.adapters import NdAdapterLinear
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.capture import is_conv1d
 from ndcompile.frontend.module_sites import conv1d_as_linear
-from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.layers.ndlinear import BiasKind, NdLinear
 
 __all__ = ["BIAS_NAMES", "layer_specs", "rebuild_layers"]
 
 #: NdLinear ``bias_kind`` -> its name in a spec.
-BIAS_NAMES = {True: "full", False: "none", "modes": "modes"}
+BIAS_NAMES: dict[BiasKind, str] = {True: "full", False: "none", "modes": "modes"}
 _BIAS_KINDS = {v: k for k, v in BIAS_NAMES.items()}
 
 
@@ -109,7 +109,7 @@ def _features(module: nn.Module | None) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear | NdLinear):
         return module.in_features, module.out_features
     if module is not None and is_conv1d(module):
-        n_in, n_out = module.weight.shape
+        n_in, n_out = cast(torch.Tensor, module.weight).shape
         return int(n_in), int(n_out)
     return None
 

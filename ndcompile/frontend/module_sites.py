@@ -11,8 +11,9 @@ weight (stored transposed) so every fit sees one convention.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ndcompile.errors import NdCompileError
@@ -29,12 +30,13 @@ def conv1d_as_linear(conv: nn.Module) -> nn.Linear:
     Its weight is a transposed *view* of the Conv1D's ``(in, out)`` weight (no copy),
     and its bias is the Conv1D's bias.
     """
-    weight = conv.weight  # type: ignore[union-attr]
+    weight = cast(Tensor, conv.weight)
+    bias = cast(Tensor | None, conv.bias)
     n_in, n_out = weight.shape
-    linear = nn.Linear(n_in, n_out, bias=conv.bias is not None, device="meta")
+    linear = nn.Linear(n_in, n_out, bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
-    if conv.bias is not None:
-        linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=conv.bias.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
     return linear
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -88,15 +89,19 @@ def order_like(values: Sequence[int], reference: Sequence[int]) -> tuple[int, ..
     return tuple(out)
 
 
+def _called_module(node: fx.Node) -> nn.Module:
+    """The module a ``call_module`` node of a GraphModule's graph calls."""
+    gm = node.graph.owning_module
+    assert gm is not None  # the node is in a traced GraphModule
+    return gm.get_submodule(cast(str, node.target))
+
+
 def _graph_modes(node: fx.Node, n: int) -> tuple[int, ...] | None:
     """Modes merged by a reshape-family op producing ``node``, if any."""
     is_reshape = (
         (node.op == "call_method" and node.target in _RESHAPE_METHODS)
         or (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
-        or (
-            node.op == "call_module"
-            and isinstance(node.graph.owning_module.get_submodule(node.target), nn.Flatten)
-        )
+        or (node.op == "call_module" and isinstance(_called_module(node), nn.Flatten))
     )
     if not is_reshape or not node.args or not isinstance(node.args[0], fx.Node):
         return None
@@ -140,7 +145,9 @@ def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] |
 
 def check_override(name: str, module: nn.Linear, spec: object) -> tuple[tuple, tuple]:
     try:
-        in_shape, out_shape = (tuple(int(v) for v in part) for part in spec)  # type: ignore[union-attr]
+        # Unchecked user input: a malformed spec raises TypeError / ValueError here.
+        parts = cast(Iterable[Iterable[Any]], spec)
+        in_shape, out_shape = (tuple(int(v) for v in part) for part in parts)
     except (TypeError, ValueError) as exc:
         raise NdCompileError(
             f"shapes override {spec!r} is not a pair (in_modes, out_modes)", layer=name

@@ -15,9 +15,9 @@ left multiply ``W @ x.view(B, d, rest)``, and a trailing mode as a right multipl
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -211,7 +211,7 @@ def _ordered(order: tuple[str, ...], subset: set[str]) -> tuple[str, ...]:
     return tuple(i for i in order if i in subset)
 
 
-def _left_layout(order: tuple[str, ...], s: list[str], k: set[str]) -> tuple | None:
+def _left_layout(order: tuple[str, ...], s: Sequence[str], k: set[str]) -> tuple | None:
     """Natural layout of an operand used as the left matmul operand, or None.
 
     Left needs ``S + LL + ML + K``; we take LL empty and ML = the free middle.
@@ -223,7 +223,7 @@ def _left_layout(order: tuple[str, ...], s: list[str], k: set[str]) -> tuple | N
     return ((), tuple(middle), tuple(order[len(order) - nk :]))
 
 
-def _right_layout(order: tuple[str, ...], s: list[str], k: set[str]) -> tuple | None:
+def _right_layout(order: tuple[str, ...], s: Sequence[str], k: set[str]) -> tuple | None:
     """Natural layout of an operand used as the right matmul operand, or None.
 
     Right needs ``S + RL + K + MR`` with K contiguous.
@@ -277,8 +277,10 @@ def _contract_pair(
         rights = [_right_layout(ir, s, k_set), ((), _free(ir, shared), kk_big)]
         if final is not None:
             rank = {i: p for p, i in enumerate(final)}
-            lefts.append(((), tuple(sorted(_free(il, shared), key=rank.get)), kk_big))
-            rights.append(((), tuple(sorted(_free(ir, shared), key=rank.get)), kk_big))
+            # Free indices of the last step are all kept, so all are in ``final``.
+            by_rank = cast(Callable[[str], int], rank.get)
+            lefts.append(((), tuple(sorted(_free(il, shared), key=by_rank)), kk_big))
+            rights.append(((), tuple(sorted(_free(ir, shared), key=by_rank)), kk_big))
         for lay_l in lefts:
             for lay_r in rights:
                 if lay_l is None or lay_r is None or lay_l[2] != lay_r[2]:

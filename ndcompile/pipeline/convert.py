@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import functools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -193,7 +193,7 @@ def convert(
             return convert_graph(model, example, dataclasses.replace(options, fallback=False))
         except UntraceableError as exc:
             converted = convert_module(model, example, options)
-            converted.report.notes.insert(  # type: ignore[union-attr]
+            cast(ConversionReport, converted.report).notes.insert(
                 0, f"not traceable with torch.fx ({str(exc).splitlines()[0]}): converted modules"
             )
             return converted
@@ -310,7 +310,10 @@ def _rewrite_sites(
                 set_submodule(gm, site.name, layer)
         gm.recompile()
     else:
-        rewrite_ndlinear(gm, sites, lambda s: mode.make_layer(s, entries[s.name], opts, data))
+        # Every mode but adapter (handled above) builds NdLinear layers.
+        rewrite_ndlinear(
+            gm, sites, lambda s: cast(NdLinear, mode.make_layer(s, entries[s.name], opts, data))
+        )
 
 
 def _finish(
@@ -365,7 +368,7 @@ def optimize(
     if not isinstance(gm, fx.GraphModule):
         gm = trace(copy.deepcopy(gm))
     propagate_shapes(gm, inputs)
-    gm, _ = run_passes(
+    optimized, _ = run_passes(
         gm,
         [
             functools.partial(inline_ndlinear, optimizer=optimizer),
@@ -375,4 +378,4 @@ def optimize(
             dead_code_elimination,
         ],
     )
-    return gm
+    return optimized

@@ -101,6 +101,12 @@ _MEMO: dict[str, MachineModel] = {}
 _FIELDS = ("matmul_gflops", "bandwidth_gbs", "op_overhead_us")
 
 
+def _model(values: list[Any], device: str) -> MachineModel:
+    """A :class:`MachineModel` from the ``_FIELDS`` values, in that order."""
+    matmul_gflops, bandwidth_gbs, op_overhead_us = (float(v) for v in values)
+    return MachineModel(matmul_gflops, bandwidth_gbs, op_overhead_us, device)
+
+
 def _positive_number(value: Any) -> bool:
     return (
         isinstance(value, int | float)
@@ -129,7 +135,7 @@ def _from_override(env: str, device: str) -> MachineModel:
         values = [data[name] for name in _FIELDS]
         if not all(_positive_number(v) for v in values):
             raise ValueError("not positive numbers")
-        return MachineModel(*(float(v) for v in values), str(data.get("device", device)))
+        return _model(values, str(data.get("device", device)))
     except (ValueError, KeyError, TypeError) as exc:
         raise NdCompileError(
             f"NDCOMPILE_MACHINE={env!r} is not a JSON object with matmul_gflops, "
@@ -160,7 +166,7 @@ def machine_model(device: str = "cpu", *, refresh: bool = False) -> MachineModel
         data = cache.load()
         missing = [name for name in (*_FIELDS, "device") if name not in data]
         if not missing:
-            model = MachineModel(*(float(data[name]) for name in _FIELDS), data["device"])
+            model = _model([data[name] for name in _FIELDS], data["device"])
             _MEMO[key] = model
             return model
         if data:

@@ -159,7 +159,7 @@ def estimate_us(program: ContractionProgram, machine: MachineModel, itemsize: in
 def _sequential_path(order: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Path applying the modes to ``x`` one at a time in ``order`` (operands x, W0..)."""
     labels = ["x", *(f"W{k}" for k in range(len(order)))]
-    path = []
+    path: list[tuple[int, ...]] = []
     for k in order:
         i, j = sorted((labels.index("x"), labels.index(f"W{k}")))
         path.append((i, j))

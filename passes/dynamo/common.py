@@ -15,7 +15,7 @@ import copy
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import sympy
 import torch
@@ -263,7 +263,8 @@ def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
     copied = graph.graph_copy(gm.graph, val_map, return_output_node=True)
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     if copied is not None:
-        value, old_output = copied  # type: ignore[misc]
+        # With return_output_node=True graph_copy returns (output value, old output node).
+        value, old_output = cast(tuple[Any, fx.Node], copied)
         out = graph.output(value, type_expr=getattr(old_output, "type", None))
         out.meta = copy.copy(old_output.meta)
     for old, new in val_map.items():

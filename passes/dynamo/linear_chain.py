@@ -21,7 +21,8 @@ After::
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -161,7 +162,8 @@ def _emit(graph: fx.Graph, pair: LinearPair) -> fx.Node:
         bias = graph.call_function(torch.matmul, (w2, b1))
     if b2 is not None:
         bias = b2 if bias is None else graph.call_function(torch.add, (bias, b2))
-    result = graph.call_function(pair.second.target, (x, weight, bias))
+    target = cast(Callable[..., Any], pair.second.target)  # a call_function linear
+    result = graph.call_function(target, (x, weight, bias))
     for middle in pair.middle:
         kind, index = _last_dim_arg(middle)  # type: ignore[misc]
         args: list[Any] = [result, *middle.args[1:]]

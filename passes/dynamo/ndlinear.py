@@ -254,7 +254,8 @@ def find_mode_chain(x: fx.Node, first: fx.Node) -> ModeChain | None:
     )
     chain: list[fx.Node] = []
     best: tuple[int, list, int, list] | None = None
-    cur, nxt = x, first
+    cur: fx.Node = x
+    nxt: fx.Node | None = first
     while nxt is not None and _step(state, nxt, cur):
         chain.append(nxt)
         if state.canonical():
@@ -293,25 +294,31 @@ class _RankOneFactor:
 
 def _emit(graph: fx.Graph, chain: ModeChain, optimizer: str, rows: int) -> tuple[fx.Node, Any]:
     tracer = GraphAppendingTracer(graph)
+
+    # Typed Any: a Proxy stands in for a Tensor and traces methods it does not declare.
+    def proxy(node: fx.Node) -> Any:
+        return Proxy(node, tracer)
+
     x = chain.x
     if len(chain.lead) != 1:
         x = graph.call_method("reshape", (x, (-1, *chain.in_shape)))
     # The planner picks mode grouping x order x layout (not only the FLOP-optimal order).
-    plan = plan_ndlinear(chain.in_shape, chain.out_shape, 1, batch=rows, optimizer=optimizer)
-    plan = plan.chosen.plan
-    operands = [Proxy(x, tracer), *(Proxy(w, tracer) for w in chain.weights)]
+    choice = plan_ndlinear(chain.in_shape, chain.out_shape, 1, batch=rows, optimizer=optimizer)
+    plan = choice.chosen.plan
+    operands = [proxy(x), *(proxy(w) for w in chain.weights)]
     y = plan.program.run(*operands).node
     y.meta["ndcompile_plan"] = plan
     y = restore_leading(graph, chain.x, chain.lead, y, chain.out_shape)
     if any(b is not None for b in chain.biases):
-        weights = [Proxy(w, tracer) for w in chain.weights]
+        weights = [proxy(w) for w in chain.weights]
         biases = [
-            Proxy(b, tracer) if b is not None else w.new_zeros(h)
+            proxy(b) if b is not None else w.new_zeros(h)
             for b, w, h in zip(chain.biases, weights, chain.out_shape, strict=True)
         ]
-        factors = [_RankOneFactor(w) for w in weights]
-        bias = mode_bias(biases, factors, chain.order, chain.out_shape)  # type: ignore[arg-type]
-        y = (Proxy(y, tracer) + bias.reshape(chain.out_shape)).node
+        # Duck-typed: mode_bias only reads factor[0] of each rank-1 factor.
+        factors: list[Any] = [_RankOneFactor(w) for w in weights]
+        bias = mode_bias(biases, factors, chain.order, chain.out_shape)
+        y = (proxy(y) + bias.reshape(chain.out_shape)).node
     return y, plan
 
 
@@ -346,9 +353,7 @@ def _entry(chain: ModeChain, plan: Any, rows: int) -> LayerReport:
     )
 
 
-def rewrite_mode_chains(
-    gm: fx.GraphModule, *, optimizer: str = "auto"
-) -> ReportedResult:
+def rewrite_mode_chains(gm: fx.GraphModule, *, optimizer: str = "auto") -> ReportedResult:
     """Replace every canonical mode-wise linear chain of a dynamo graph by one contraction.
 
     Each replacement is evaluated on FakeTensors before it is committed; one whose

@@ -17,6 +17,8 @@ is returned by the graph is kept.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -37,13 +39,15 @@ def _perm_of(node: fx.Node) -> list[int] | None:
     if shape is None:
         return None
     n = len(shape)
+    # Any: a malformed argument makes int() raise TypeError, which means "no permutation".
+    args: tuple[Any, ...] = node.args
     try:
         if node.target in _PERMUTES:
-            rest = node.args[1:] or (node.kwargs.get("dims"),)
+            rest = args[1:] or (node.kwargs.get("dims"),)
             perm = list(rest[0]) if isinstance(rest[0], tuple | list) else list(rest)
             return [int(p) % n for p in perm]
         if node.target in _TRANSPOSES:
-            d0, d1 = int(node.args[1]) % n, int(node.args[2]) % n
+            d0, d1 = int(args[1]) % n, int(args[2]) % n
             perm = list(range(n))
             perm[d0], perm[d1] = perm[d1], perm[d0]
             return perm
@@ -65,7 +69,7 @@ def _safe_user(gm: fx.GraphModule, user: fx.Node) -> bool:
     if user.op == "output":
         return False
     if user.op == "call_module":
-        return type(gm.get_submodule(user.target)) is nn.Linear
+        return type(gm.get_submodule(cast(str, user.target))) is nn.Linear
     name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
     if not name or name.endswith("_") or name in _STRIDE_SENSITIVE - {"view"}:
         return False

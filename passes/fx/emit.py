@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch.fx as fx
 from torch import nn
 from torch.fx.proxy import GraphAppendingTracer, Proxy
@@ -49,8 +51,12 @@ def emit_ndlinear(
     tracer = GraphAppendingTracer(gm.graph)
     before = set(gm.graph.nodes)
 
-    def attr(name: str) -> Proxy:
-        return Proxy(gm.graph.get_attr(f"{qualname}.{name}"), tracer)
+    # Typed Any: a Proxy stands in for a Tensor and traces methods it does not declare.
+    def proxy(node: fx.Node) -> Any:
+        return Proxy(node, tracer)
+
+    def attr(name: str) -> Any:
+        return proxy(gm.graph.get_attr(f"{qualname}.{name}"))
 
     factors = [attr(f"factors.{k}") for k in range(len(layer.in_shape))]
     operands = [f[0] for f in factors] if layer.rank == 1 else factors
@@ -67,9 +73,9 @@ def emit_ndlinear(
     source, k, produced = x.meta.get(LEAD_SOURCE, (x, features, features))
     if produced != features:  # x's leading dims are not the producer's
         source, k = x, features
-    lead = Proxy(source, tracer).shape[:-k]
+    lead = proxy(source).shape[:-k]
     out = apply_ndlinear(
-        Proxy(x, tracer),
+        proxy(x),
         operands,
         bias,
         layer.plan(),
@@ -93,7 +99,7 @@ def replace_call(
 ) -> fx.Node:
     """Replace the call ``node`` (on ``node.args[0]``) by ``layer``'s emitted contraction."""
     with gm.graph.inserting_before(node):
-        out = emit_ndlinear(gm, node.args[0], qualname, layer, flat_input=flat_input)
+        out = emit_ndlinear(gm, cast(fx.Node, node.args[0]), qualname, layer, flat_input=flat_input)
     out.meta["tensor_meta"] = node.meta.get("tensor_meta")
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -44,7 +45,7 @@ from ndcompile.passes.regions.ops import lift_op
 __all__ = ["FusedRegion", "fuse_contractions", "lift_regions"]
 
 CONTRACTIONS = MATMULS | LINEARS | EINSUMS | {"matmul", "mm", "bmm"}
-LAYOUT_OPS = {"permute", "transpose", "t", "swapaxes", "contiguous"}
+LAYOUT_OPS: set[Any] = {"permute", "transpose", "t", "swapaxes", "contiguous"}
 LAYOUT_OPS |= {torch.permute, torch.transpose, torch.t, torch.swapaxes}
 
 

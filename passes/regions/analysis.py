@@ -22,7 +22,7 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -143,12 +143,12 @@ def annotate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None
     for node in gm.graph.nodes:
         node.meta.pop(NODE_SHAPE_GROWN, None)
         meta = node.meta.get("tensor_meta")
-        shape = getattr(meta, "shape", None)
-        if shape is None:
+        meta_shape = getattr(meta, "shape", None)
+        if meta_shape is None:
             node.meta.pop(NODE_SHAPE, None)
             continue
         dyn = varying.get(node, set())
-        node.meta[NODE_SHAPE] = tuple(-1 if k in dyn else int(a) for k, a in enumerate(shape))
+        node.meta[NODE_SHAPE] = tuple(-1 if k in dyn else int(a) for k, a in enumerate(meta_shape))
 
 
 def _nominal_shape(node: fx.Node) -> tuple[int, ...]:
@@ -182,7 +182,7 @@ def leaf_value(
     """A region input of the given (example) shape."""
     sizes: dict[str, int] = {}
     nominal: dict[str, int] = {}
-    dims = [
+    dims: list[tuple[str, ...]] = [
         (f.fresh(sizes, nominal, s, d),) if s != 1 or d else ()
         for s, d in zip(shape, dyn, strict=True)
     ]
@@ -329,4 +329,4 @@ def lift_node(node: fx.Node, value_of: Callable[[Any], LinVal], f: IndexFactory)
 
 def is_linear_module(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True for a ``call_module`` of a plain ``nn.Linear``."""
-    return node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Linear
+    return node.op == "call_module" and type(gm.get_submodule(cast(str, node.target))) is nn.Linear

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -65,7 +65,7 @@ def _lift_permute(node: fx.Node, value_of: ValueOf, f: IndexFactory) -> LinVal:
     val = value_of(node.args[0])
     rest = node.args[1:] or (node.kwargs.get("dims"),)
     perm = list(rest[0]) if isinstance(rest[0], tuple | list) else list(rest)
-    return _permute(val, perm)
+    return _permute(val, cast(list[int], perm))
 
 
 def _lift_transpose(node: fx.Node, value_of: ValueOf, f: IndexFactory) -> LinVal:
@@ -74,7 +74,7 @@ def _lift_transpose(node: fx.Node, value_of: ValueOf, f: IndexFactory) -> LinVal
     if node.target in ("t", torch.t) or (len(node.args) == 1 and n <= 2):
         d0, d1 = 0, n - 1
     else:
-        d0, d1 = node.args[1] % n, node.args[2] % n
+        d0, d1 = cast(int, node.args[1]) % n, cast(int, node.args[2]) % n
     perm = list(range(n))
     perm[d0], perm[d1] = perm[d1], perm[d0]
     return _permute(val, perm)
@@ -169,7 +169,8 @@ def _lift_linear(node: fx.Node, value_of: ValueOf, f: IndexFactory) -> LinVal:
 
 def _lift_linear_module(node: fx.Node, value_of: ValueOf, f: IndexFactory) -> LinVal:
     gm = node.graph.owning_module
-    mod = gm.get_submodule(node.target)
+    assert gm is not None  # regions are lifted from a GraphModule's graph
+    mod = gm.get_submodule(cast(str, node.target))
     if type(mod) is not nn.Linear:
         raise RegionError("not a Linear")
     w = leaf_value(f"{node.target}.weight", tuple(mod.weight.shape), (False, False), f)
