@@ -257,7 +257,7 @@ def run_convert(args: argparse.Namespace) -> int:
             with progress.step("distill"):
                 result = distill(
                     converted, model, distilled, steps=args.distill_steps,
-                    whole_model=True, progress=False,
+                    whole_model_steps=args.distill_steps, whole_model=True, progress=False,
                 )  # fmt: skip
                 report.notes.append(
                     "distilled: " + "; ".join(
