@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from ndcompile.backends.pretrained import record_in_config
@@ -33,6 +34,7 @@ from ndcompile.pipeline.checks import (
     count_parameters,
     layer_entry,
     reference_outputs,
+    unchanged_state,
     verify_outputs,
 )
 from ndcompile.pipeline.modes import FitData, Mode, apply_skip_rules, get_mode
@@ -142,35 +144,53 @@ def _exact(
     )
 
 
-def _convert_sites(
-    work: nn.Module,
+def _plan_sites(
+    model: nn.Module,
     mode: Mode,
     example: ExampleInputs,
     report: ConversionReport,
     opts: ConvertOptions,
-) -> None:
-    capture = _capture(work, example, report)
-    sites = plan_module_sites(
-        work,
-        capture,
-        shapes=opts.shapes,
-        include=opts.include,
-        exclude=opts.exclude,
-        n_modes=opts.n_modes,
-        min_features=opts.min_features,
-    )
-    opts.check_layer_names(s.name for s in sites)
-    entries = {site.name: layer_entry(site) for site in sites}
-    report.layers.extend(entries.values())
-    apply_skip_rules(mode, sites, entries, opts)
-    data = _fit_data(work, sites, example, opts) if mode.needs_fit_data else FitData()
-    chosen = [site for site in sites if site.convertible]
-    for site in progress(chosen, desc=f"{opts.mode} layers", enabled=opts.progress):
-        layer = mode.make_layer(site, entries[site.name], opts, data)
-        if isinstance(layer, NdLinear):
-            layer.flat = True
-        report.notes.extend(install_layer(work, site.name, layer))
+) -> tuple[list[LinearSite], dict[str, LayerReport], FitData]:
+    """Capture and plan on the user's model itself (its state is restored afterwards)."""
+    with unchanged_state(model):
+        capture = _capture(model, example, report)
+        sites = plan_module_sites(
+            model,
+            capture,
+            shapes=opts.shapes,
+            include=opts.include,
+            exclude=opts.exclude,
+            n_modes=opts.n_modes,
+            min_features=opts.min_features,
+        )
+        opts.check_layer_names(s.name for s in sites)
+        entries = {site.name: layer_entry(site) for site in sites}
+        report.layers.extend(entries.values())
+        apply_skip_rules(mode, sites, entries, opts)
+        data = _fit_data(model, sites, example, opts) if mode.needs_fit_data else FitData()
     report.notes.append(f"layers found with {capture.method}")
+    return sites, entries, data
+
+
+def _copy_without(model: nn.Module, replaced: list[str]) -> nn.Module:
+    """A deep copy of ``model`` whose layers in ``replaced`` hold meta tensors.
+
+    Those layers are about to be replaced, so their dense weights are never copied:
+    converting needs the model's own size plus the new layers, not two full copies.
+    """
+    memo: dict[int, object] = {}
+    for name in replaced:
+        for p in model.get_submodule(name).parameters(recurse=False):
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise NdCompileError(
+            f"cannot copy {type(model).__name__} (convert never modifies your model, so it "
+            f"converts a deep copy): {type(exc).__name__}: {exc}",
+            layer=type(model).__name__,
+            hint="make the model deep-copyable (no open files, locks or generators as attributes)",
+        ) from exc
 
 
 def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOptions) -> nn.Module:
@@ -192,18 +212,17 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
         output="module",
         options=opts.to_json(),
     )
-    try:
-        work = copy.deepcopy(model)
-    except Exception as exc:
-        raise NdCompileError(
-            f"cannot copy {type(model).__name__} (convert never modifies your model, so it "
-            f"converts a deep copy): {type(exc).__name__}: {exc}",
-            layer=type(model).__name__,
-            hint="make the model deep-copyable (no open files, locks or generators as attributes)",
-        ) from exc
     if mode.replaces_sites:
-        _convert_sites(work, mode, example, report, opts)
+        sites, entries, data = _plan_sites(model, mode, example, report, opts)
+        chosen = [site for site in sites if site.convertible]
+        work = _copy_without(model, [site.name for site in chosen])
+        for site in progress(chosen, desc=f"{opts.mode} layers", enabled=opts.progress):
+            layer = mode.make_layer(site, entries[site.name], opts, data)
+            if isinstance(layer, NdLinear):
+                layer.flat = True
+            report.notes.extend(install_layer(work, site.name, layer))
     else:
+        work = _copy_without(model, [])
         _exact(work, example, report, opts)
     mode.finish(work, opts)
     record_in_config(work, opts.mode)
