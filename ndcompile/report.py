@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ConversionReport", "LayerReport", "format_count", "format_shape"]
+__all__ = ["ConversionReport", "LayerReport", "format_count", "format_shape", "report_of"]
 
 
 @dataclass
@@ -169,3 +169,15 @@ class ConversionReport:
             lines.append(f"  skipped {e.name}: {e.reason}")
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def report_of(model: object) -> ConversionReport:
+    """The ``.report`` that :func:`ndcompile.convert` attached to ``model``.
+
+    Raises:
+        TypeError: If ``model`` carries no conversion report.
+    """
+    report = getattr(model, "report", None)
+    if not isinstance(report, ConversionReport):
+        raise TypeError(f"{type(model).__name__} carries no ndcompile conversion report")
+    return report

@@ -38,7 +38,7 @@ from ndcompile.errors import NdCompileError
 from ndcompile.fileio import atomic_write
 from ndcompile.frontend.trace import as_tuple
 from ndcompile.layers.ndlinear import NdLinear
-from ndcompile.report import ConversionReport, LayerReport
+from ndcompile.report import ConversionReport, LayerReport, report_of
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "METADATA_KEY", "load", "read_metadata", "save"]
 
@@ -264,7 +264,7 @@ def _check_layer_entry(layer: Any) -> None:
 def _expected_tensors(layer: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     name, rank = layer["name"], int(layer["rank"])
     ins, outs = layer["in_shape"], layer["out_shape"]
-    shapes = {
+    shapes: dict[str, tuple[int, ...]] = {
         f"{name}.factors.{k}": (rank, h, d) for k, (d, h) in enumerate(zip(ins, outs, strict=True))
     }
     if layer["bias"] == "full":
@@ -352,9 +352,7 @@ def _rebuild(model: nn.Module, meta: Mapping[str, Any], inputs: tuple[Any, ...])
     )
 
 
-def _check_rebuilt(
-    gm: fx.GraphModule, meta: Mapping[str, Any], tensors: Mapping[str, Tensor]
-) -> None:
+def _check_rebuilt(gm: nn.Module, meta: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
     built = {
         name: {
             "in_shape": list(m.in_shape),
@@ -403,7 +401,7 @@ def _check_state(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
 def _restore_report(
     meta: Mapping[str, Any], fallback: ConversionReport, where: str
 ) -> ConversionReport:
-    data = meta.get("report")
+    data: Any = meta.get("report")
     try:
         layers = []
         for entry in data["layers"]:
@@ -460,7 +458,7 @@ def load(path: str | os.PathLike, model: nn.Module, example_input: Any = None) -
         ) from exc
     _check_rebuilt(gm, meta, tensors)
     gm.load_state_dict(tensors, strict=True)
-    gm.report = _restore_report(meta, gm.report, where)  # type: ignore[assignment]
+    gm.report = _restore_report(meta, report_of(gm), where)  # type: ignore[assignment]
     return gm
 
 

@@ -47,6 +47,7 @@ from ndcompile.cli.output import (
 from ndcompile.compress.distill import distill
 from ndcompile.frontend.inputs import ExampleInputs
 from ndcompile.pipeline.convert import convert, relative_error
+from ndcompile.report import report_of
 
 __all__ = [
     "conversion_kwargs",
@@ -251,7 +252,7 @@ def run_convert(args: argparse.Namespace) -> int:
         with progress.step(f"convert ({args.mode})"):
             torch.manual_seed(args.seed)
             converted = convert(model, example, **kwargs)
-        report = converted.report
+        report = report_of(converted)
         report.notes.extend(notes)
         if distilled is not None:
             with progress.step("distill"):

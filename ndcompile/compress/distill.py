@@ -104,7 +104,7 @@ def _trained_params(student: nn.Module, train: str) -> tuple[list[torch.Tensor],
     """The whole-model parameters and a sentence saying which they are."""
     nd = {n: m for n, m in student.named_modules() if isinstance(m, NdLinear)}
     nd_params = {id(p) for m in nd.values() for p in m.parameters() if p.requires_grad}
-    params = [p for m in nd.values() for p in m.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for m in nd.values() for p in m.parameters() if p.requires_grad]
     count = sum(p.numel() for p in params)
     names = ", ".join(list(nd)[:6]) + (f" and {len(nd) - 6} more" if len(nd) > 6 else "")
     text = f"NdLinear {names or '(none)'} ({count:,} parameters)"

@@ -17,7 +17,7 @@ held-out rows. Otherwise the layer is kept as it was, and its entry says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -85,13 +85,14 @@ def layer_pairs(converted: nn.Module, teacher: nn.Module) -> list[tuple[str, NdL
         kind = linear_like(dense)
         if kind is None:
             continue
-        shape = dense.weight.shape if kind == "Linear" else dense.weight.shape[::-1]
+        weight = cast(Tensor, dense.weight)
+        shape = weight.shape if kind == "Linear" else weight.shape[::-1]
         if tuple(shape) == (module.out_features, module.in_features):
             pairs.append((name, module, dense))
     return pairs
 
 
-def _as_linear(dense: nn.Module) -> nn.Module:
+def _as_linear(dense: nn.Module) -> nn.Linear:
     return dense if isinstance(dense, nn.Linear) else conv1d_as_linear(dense)
 
 

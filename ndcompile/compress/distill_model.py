@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -139,6 +139,7 @@ class _Objective:
     task_weight: float = 0.0
 
     def loss(self, student: Any, teacher: Any, targets: Any) -> Tensor:
+        value: Any
         if self.kind == "kl":
             value = _kl(_logits(student), _logits(teacher)) / max(_rows(teacher), 1)
         else:
@@ -146,7 +147,7 @@ class _Objective:
             value = sum((s - t.detach()).pow(2).mean() for s, t in pairs) / self.scale
         if self.task_weight and targets is not None:
             value = value + self.task_weight * _task_loss(student, targets)
-        return value  # type: ignore[return-value]
+        return cast(Tensor, value)
 
     def sums(self, student: Any, teacher: Any) -> list[float]:
         """``[err², ref², loss·rows, rows, agreeing rows]`` of one held-out batch."""

@@ -74,6 +74,7 @@ class LayerStats:
                 self.gram = x64.new_zeros(self.in_features, self.in_features)
                 self.row_sum = x64.new_zeros(self.in_features)
             self.gram.addmm_(x64.T, x64)
+            assert self.row_sum is not None
             self.row_sum += x64.sum(0)
             self.rows += x.shape[0]
             return

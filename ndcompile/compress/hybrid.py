@@ -470,7 +470,9 @@ def choose_form(
         cand = FormCandidate("hybrid", r, k, r * kp1 + k * lr1, err, metric.weight_error(w_hat))
         fitted.append((cand, factors, u, v))
 
-    best, factors, u, v = min((f for f in fitted if f[0].buildable), key=lambda f: f[0].error)
+    best, best_factors, best_u, best_v = min(
+        (f for f in fitted if f[0].buildable), key=lambda f: f[0].error
+    )
 
     def cast(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(device=weight.device, dtype=weight.dtype).contiguous()
@@ -479,9 +481,9 @@ def choose_form(
         form=best.form,
         in_shape=in_shape,
         out_shape=out_shape,
-        factors=[cast(f) for f in factors],  # type: ignore[misc]
-        lowrank_u=cast(u),
-        lowrank_v=cast(v),
+        factors=[f.to(device=weight.device, dtype=weight.dtype).contiguous() for f in best_factors],
+        lowrank_u=cast(best_u),
+        lowrank_v=cast(best_v),
         error=best.error,
         weight_error=best.weight_error,
         metric="output" if gram is not None else "weight",

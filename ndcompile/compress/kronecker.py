@@ -289,7 +289,7 @@ def _hosvd_init(t: Tensor, k: int, rank: int, gen: torch.Generator) -> Tensor:
     ones the eigenvectors of the unfolding's Gram matrix.
     """
     unfolding = t.movedim(k, 0).reshape(t.shape[k], -1)
-    if use_truncated(tuple(unfolding.shape), rank):
+    if use_truncated((unfolding.shape[0], unfolding.shape[1]), rank):
         res = truncated_svd(unfolding, rank, method="randomized", rtol=1e-6, max_passes=20)
         return res.u.to(t.dtype)
     others = [m for m in range(t.dim()) if m != k]
@@ -477,10 +477,10 @@ def rank_for_tolerance(
     if len(in_shape) == 2:
         from ndcompile.compress.kronecker_svd import tolerance_two_modes
 
-        fit = tolerance_two_modes(w, in_shape, out_shape, tol, max_rank)
-        fit.factors = [f.to(device=w.device, dtype=w.dtype).contiguous() for f in fit.factors]
-        return fit
-    fit = None
+        two = tolerance_two_modes(w, in_shape, out_shape, tol, max_rank)
+        two.factors = [f.to(device=w.device, dtype=w.dtype).contiguous() for f in two.factors]
+        return two
+    fit: KroneckerFit | None = None
     for rank in range(1, max_rank + 1):
         fit = nearest_kronecker(w, in_shape, out_shape, rank, n_iter=n_iter, layer=layer)
         if fit.rel_error <= tol:

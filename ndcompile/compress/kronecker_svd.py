@@ -97,7 +97,7 @@ def tolerance_two_modes(
     """
     a = _rearranged(w, in_shape, out_shape)
     rank = min(max_rank, 8)
-    if not use_truncated(tuple(a.shape), rank):
+    if not use_truncated((a.shape[0], a.shape[1]), rank):
         res = truncated_svd(a, max_rank, method="full")
     else:
         total, init = sq_norm(a), None
@@ -107,7 +107,7 @@ def tolerance_two_modes(
             if rank == max_rank or min(errs) <= tol:
                 break
             rank = min(2 * rank, max_rank)
-            if not use_truncated(tuple(a.shape), rank):
+            if not use_truncated((a.shape[0], a.shape[1]), rank):
                 res = truncated_svd(a, max_rank, method="full", total=total)
                 break
             init = res.u
