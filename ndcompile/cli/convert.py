@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +252,9 @@ def run_convert(args: argparse.Namespace) -> int:
             notes.append(f"mode {args.mode!r} fits nothing: calibration data used to verify only")
         with progress.step(f"convert ({args.mode})"):
             torch.manual_seed(args.seed)
-            converted = convert(model, example, **kwargs)
+            # A per-layer bar on a terminal (never in logs or pipes, never with --quiet).
+            bar = not (args.quiet or args.json) and sys.stderr.isatty()
+            converted = convert(model, example, progress=bar, **kwargs)
         report = report_of(converted)
         report.notes.extend(notes)
         if distilled is not None:
