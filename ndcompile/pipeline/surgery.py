@@ -172,6 +172,25 @@ def _plan_sites(
     return sites, entries, data
 
 
+def _world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default torch.distributed group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _from_rank(
+    src: int, layer: nn.Module | None, entries: dict[str, LayerReport], name: str
+) -> nn.Module:
+    """Share the layer process ``src`` fitted (and its report entry) with every process."""
+    box: list[object] = [layer, entries[name]] if layer is not None else [None, None]
+    torch.distributed.broadcast_object_list(box, src=src)
+    shared, entry = box
+    assert isinstance(shared, nn.Module) and isinstance(entry, LayerReport)
+    entries[name].__dict__.update(entry.__dict__)
+    return shared
+
+
 def _copy_without(model: nn.Module, replaced: list[str]) -> nn.Module:
     """A deep copy of ``model`` whose layers in ``replaced`` hold meta tensors.
 
@@ -216,11 +235,24 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
         sites, entries, data = _plan_sites(model, mode, example, report, opts)
         chosen = [site for site in sites if site.convertible]
         work = _copy_without(model, [site.name for site in chosen])
-        for site in progress(chosen, desc=f"{opts.mode} layers", enabled=opts.progress):
-            layer = mode.make_layer(site, entries[site.name], opts, data)
-            if isinstance(layer, NdLinear):
-                layer.flat = True
+        rank, world = _world()
+        for i, site in enumerate(
+            progress(chosen, desc=f"{opts.mode} layers", enabled=opts.progress)
+        ):
+            layer = None
+            if i % world == rank:
+                layer = mode.make_layer(site, entries[site.name], opts, data)
+                if isinstance(layer, NdLinear):
+                    layer.flat = True
+            if world > 1:
+                layer = _from_rank(i % world, layer, entries, site.name)
+            assert layer is not None
             report.notes.extend(install_layer(work, site.name, layer))
+        if world > 1:
+            report.notes.append(
+                f"layer fits shared over {world} torch.distributed processes (rank i fitted "
+                f"layers i, i+{world}, ...; every process holds the whole result)"
+            )
     else:
         work = _copy_without(model, [])
         _exact(work, example, report, opts)
