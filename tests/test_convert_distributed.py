@@ -28,9 +28,9 @@ def _model() -> nn.Module:
     return nn.Sequential(*[nn.Linear(64, 64) for _ in range(5)])
 
 
-def _convert() -> nn.Module:
+def _convert(distributed: bool = False) -> nn.Module:
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
-    return ndcompile.convert(_model(), x, mode="factorize", rank=2)
+    return ndcompile.convert(_model(), x, mode="factorize", rank=2, distributed=distributed)
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -48,7 +48,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
     modes.FactorizeMode.make_layer = counting  # type: ignore[method-assign]
     try:
-        converted = _convert()
+        converted = _convert(distributed=True)
         state = {k: v.tolist() for k, v in converted.state_dict().items()}
         errors = {e.name: e.weight_rel_error for e in converted.report.layers}
         Path(out, f"{rank}.json").write_text(
@@ -75,3 +75,8 @@ def test_two_processes_split_the_fits_and_agree_with_one(tmp_path: Path) -> None
         assert result["errors"] == pytest.approx(errors, rel=1e-6)
         for key, value in want.items():
             torch.testing.assert_close(torch.tensor(result["state"][key]), value)
+
+
+def test_distributed_needs_a_process_group() -> None:
+    with pytest.raises(ndcompile.NdCompileError, match=r"initialised torch\.distributed"):
+        _convert(distributed=True)

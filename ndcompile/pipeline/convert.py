@@ -79,6 +79,7 @@ def convert(
     fallback: bool = True,
     output: str = "auto",
     progress: bool = False,
+    distributed: bool = False,
     options: ConvertOptions | None = None,
 ) -> nn.Module:
     """Convert ``model``'s dense layers into NdLinear contractions.
@@ -135,6 +136,10 @@ def convert(
             needs the graph).
         progress: Show a progress bar (layers done / total, ETA; needs ``tqdm``)
             while layers are fitted.
+        distributed: Share the per-layer fits over the processes of the initialised
+            ``torch.distributed`` group (rank ``i`` fits layers ``i, i + world, ...``;
+            the fitted layers are broadcast, so every process returns the whole
+            model). Every process must call ``convert`` with the same arguments.
         options: A prepared :class:`ConvertOptions` (then the keyword options above
             are ignored).
 
@@ -168,6 +173,7 @@ def convert(
             fallback=fallback,
             output=output,
             progress=progress,
+            distributed=distributed,
         )
     if isinstance(model, nn.Linear | NdLinear) or is_reference_ndlinear(model):
         raise NdCompileError(

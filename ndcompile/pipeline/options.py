@@ -100,6 +100,7 @@ class ConvertOptions:
     fallback: bool = True
     output: str = "auto"
     progress: bool = False
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -183,7 +184,7 @@ class ConvertOptions:
         """The options that describe the converted architecture, as JSON-ready values."""
         out = {}
         for f in fields(self):
-            if f.name in ("calibration", "leaf_modules", "progress"):
+            if f.name in ("calibration", "leaf_modules", "progress", "distributed"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value

@@ -172,11 +172,17 @@ def _plan_sites(
     return sites, entries, data
 
 
-def _world() -> tuple[int, int]:
-    """``(rank, world size)`` of the default torch.distributed group, ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _world(opts: ConvertOptions) -> tuple[int, int]:
+    """``(rank, world size)`` to share fits over (``(0, 1)`` unless ``distributed=True``)."""
+    if not opts.distributed:
+        return 0, 1
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise NdCompileError(
+            "convert(distributed=True) needs an initialised torch.distributed process group",
+            hint="call torch.distributed.init_process_group(...) in every process first "
+            "(every process must then call convert with the same model and options)",
+        )
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def _from_rank(
@@ -235,7 +241,7 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
         sites, entries, data = _plan_sites(model, mode, example, report, opts)
         chosen = [site for site in sites if site.convertible]
         work = _copy_without(model, [site.name for site in chosen])
-        rank, world = _world()
+        rank, world = _world(opts)
         for i, site in enumerate(
             progress(chosen, desc=f"{opts.mode} layers", enabled=opts.progress)
         ):
