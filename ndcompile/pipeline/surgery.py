@@ -2,15 +2,19 @@
 
 Phases:
 
-1. **capture** the copy on the example (:func:`~ndcompile.frontend.capture.capture_linear_calls`:
-   torch.export, forward hooks where export fails) and **plan** a site per
-   Linear-like layer (:func:`~ndcompile.frontend.module_sites.plan_module_sites`);
-2. **fit**: the mode builds each replacement (fresh init, Kronecker fit on the
-   weights and the layer's inputs, adapter);
-3. **install** each at the layer's qualified name, keeping the layer's hooks and
+1. **capture** the user's model on the example (its state restored afterwards;
+   :func:`~ndcompile.frontend.capture.capture_linear_calls`: torch.export, forward
+   hooks where export fails) and **plan** a site per Linear-like layer
+   (:func:`~ndcompile.frontend.module_sites.plan_module_sites`);
+2. **copy** the model without the dense weights of the layers about to be replaced
+   (streaming: peak memory is the model plus the new layers, not two models);
+3. **fit**: the mode builds each replacement (fresh init, Kronecker fit on the
+   weights and the layer's inputs, adapter), optionally shared over
+   ``torch.distributed`` processes;
+4. **install** each at the layer's qualified name, keeping the layer's hooks and
    trainability, so the result is the user's own class (``generate``, ``config``,
    ``save_pretrained``, custom methods) with readable ``state_dict`` keys;
-4. **verify** against the original on the example.
+5. **verify** against the original on the example.
 """
 
 from __future__ import annotations
@@ -44,15 +48,16 @@ from ndcompile.report import ConversionReport, LayerReport
 
 __all__ = ["convert_module", "install_layer"]
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
+#: Hook dicts of an ``nn.Module`` (name -> whether it holds hooks, or their flags).
+_HOOK_DICTS = {
+    "_forward_hooks": True,
+    "_forward_hooks_with_kwargs": False,
+    "_forward_hooks_always_called": False,
+    "_forward_pre_hooks": True,
+    "_forward_pre_hooks_with_kwargs": False,
+    "_backward_hooks": True,
+    "_backward_pre_hooks": True,
+}
 
 
 def install_layer(root: nn.Module, name: str, new: nn.Module) -> list[str]:
@@ -66,11 +71,12 @@ def install_layer(root: nn.Module, name: str, new: nn.Module) -> list[str]:
     """
     old = root.get_submodule(name)
     notes = []
-    for attr in _HOOK_DICTS:
+    for attr, holds_hooks in _HOOK_DICTS.items():
         hooks = getattr(old, attr, None)
         if hooks:
             getattr(new, attr).update(hooks)
-            notes.append(f"{name}: kept {len(hooks)} {attr.strip('_').replace('_', ' ')}")
+            if holds_hooks:
+                notes.append(f"{name}: kept {len(hooks)} {attr.strip('_').replace('_', ' ')}")
     weight = getattr(old, "weight", None)
     if weight is not None and not weight.requires_grad and not _is_adapter(new):
         new.requires_grad_(False)
