@@ -24,15 +24,14 @@ import torch.fx as fx
 from torch import nn
 
 from ndcompile.errors import UntraceableError
-from ndcompile.frontend.capture import capture_linear_calls
 from ndcompile.frontend.inputs import ExampleInputs, example_inputs
-from ndcompile.frontend.module_sites import plan_module_sites
 from ndcompile.frontend.sites import LinearSite, ShapeOverrides, find_linear_sites
 from ndcompile.frontend.trace import is_reference_ndlinear, node_shape, propagate_shapes, trace
 from ndcompile.ir.network import TensorNetwork
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.pipeline.modes import get_mode
 from ndcompile.pipeline.options import ConvertOptions
+from ndcompile.pipeline.surgery import find_module_sites
 from ndcompile.report import format_count, format_shape
 
 __all__ = ["MATMUL_OPS", "describe_program", "format_plan", "format_program", "plan_model"]
@@ -174,25 +173,9 @@ def _graph_sites(
 def _captured_sites(
     model: nn.Module, example: ExampleInputs, opts: ConvertOptions, notes: list[str]
 ) -> tuple[list[LinearSite], list[dict]]:
-    """Sites as ``convert`` finds them: capture a copy with torch.export (or hooks)."""
-    work = copy.deepcopy(model)
-    capture = capture_linear_calls(work, example)
-    if capture.fallback_reason is not None:
-        notes.append(
-            f"torch.export could not capture {type(model).__name__} ({capture.fallback_reason}); "
-            "layers were found with forward hooks (modes from the feature sizes)"
-        )
-    sites = plan_module_sites(
-        work,
-        capture,
-        shapes=opts.shapes,
-        include=opts.include,
-        exclude=opts.exclude,
-        n_modes=opts.n_modes,
-        min_features=opts.min_features,
-    )
-    notes.append(f"layers found with {capture.method}")
-    return sites, _module_ndlinear_rows(work, opts.mode)
+    """Sites as ``convert`` finds them (torch.export, or hooks), the model left as it was."""
+    sites = find_module_sites(model, example, opts, notes)
+    return sites, _module_ndlinear_rows(model, opts.mode)
 
 
 def plan_model(

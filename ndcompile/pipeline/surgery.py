@@ -27,7 +27,7 @@ from torch import nn
 from ndcompile.backends.pretrained import record_in_config
 from ndcompile.compress.layer_fits import capture_grams, capture_inputs
 from ndcompile.errors import NdCompileError
-from ndcompile.frontend.capture import Capture, capture_linear_calls
+from ndcompile.frontend.capture import capture_linear_calls
 from ndcompile.frontend.inputs import ExampleInputs
 from ndcompile.frontend.module_sites import plan_module_sites
 from ndcompile.frontend.sites import LinearSite
@@ -46,7 +46,7 @@ from ndcompile.pipeline.options import ConvertOptions
 from ndcompile.progress import progress
 from ndcompile.report import ConversionReport, LayerReport
 
-__all__ = ["convert_module", "install_layer"]
+__all__ = ["convert_module", "find_module_sites", "install_layer"]
 
 #: Hook dicts of an ``nn.Module`` (name -> whether it holds hooks, or their flags).
 _HOOK_DICTS = {
@@ -88,15 +88,33 @@ def _is_adapter(module: nn.Module) -> bool:
     return hasattr(module, "adapter") and isinstance(module.adapter, NdLinear)
 
 
-def _capture(work: nn.Module, example: ExampleInputs, report: ConversionReport) -> Capture:
-    capture = capture_linear_calls(work, example)
+def find_module_sites(
+    model: nn.Module, example: ExampleInputs, opts: ConvertOptions, notes: list[str]
+) -> list[LinearSite]:
+    """One site per Linear-like layer of ``model``, found as ``convert`` finds them.
+
+    The model is captured on the example (torch.export, forward hooks where export
+    fails) with its state restored afterwards; how the layers were found goes to
+    ``notes``. Shared by ``convert`` and ``ndcompile inspect``.
+    """
+    with unchanged_state(model):
+        capture = capture_linear_calls(model, example)
     if capture.fallback_reason is not None:
-        report.notes.append(
-            f"torch.export could not capture {type(work).__name__} "
+        notes.append(
+            f"torch.export could not capture {type(model).__name__} "
             f"({capture.fallback_reason}); layers were found by running it with forward "
             "hooks (modes come from the feature sizes; functional calls are not seen)"
         )
-    return capture
+    notes.append(f"layers found with {capture.method}")
+    return plan_module_sites(
+        model,
+        capture,
+        shapes=opts.shapes,
+        include=opts.include,
+        exclude=opts.exclude,
+        n_modes=opts.n_modes,
+        min_features=opts.min_features,
+    )
 
 
 def _fit_data(
@@ -138,7 +156,7 @@ def _exact(
                 )
             )
             report.notes.extend(install_layer(work, name, layer))
-    for site in plan_module_sites(work, _capture(work, example, report)):
+    for site in find_module_sites(work, example, opts, report.notes):
         entry = layer_entry(site)
         entry.reason = site.skip_reason or (
             "exact mode keeps dense layers (it rewrites NdLinear layers already present)"
@@ -158,23 +176,13 @@ def _plan_sites(
     opts: ConvertOptions,
 ) -> tuple[list[LinearSite], dict[str, LayerReport], FitData]:
     """Capture and plan on the user's model itself (its state is restored afterwards)."""
+    sites = find_module_sites(model, example, opts, report.notes)
+    opts.check_layer_names(s.name for s in sites)
+    entries = {site.name: layer_entry(site) for site in sites}
+    report.layers.extend(entries.values())
+    apply_skip_rules(mode, sites, entries, opts)
     with unchanged_state(model):
-        capture = _capture(model, example, report)
-        sites = plan_module_sites(
-            model,
-            capture,
-            shapes=opts.shapes,
-            include=opts.include,
-            exclude=opts.exclude,
-            n_modes=opts.n_modes,
-            min_features=opts.min_features,
-        )
-        opts.check_layer_names(s.name for s in sites)
-        entries = {site.name: layer_entry(site) for site in sites}
-        report.layers.extend(entries.values())
-        apply_skip_rules(mode, sites, entries, opts)
         data = _fit_data(model, sites, example, opts) if mode.needs_fit_data else FitData()
-    report.notes.append(f"layers found with {capture.method}")
     return sites, entries, data
 
 
