@@ -1,19 +1,25 @@
-"""Compress a small transformer encoder's MLPs at a parameter budget, then distil.
+"""Compress a small transformer encoder at a parameter budget, then distil.
 
 A 2-layer encoder (d=64, MLP 64 -> 256 -> 64, 4 heads, own attention and MLP
 blocks built from ``nn.Linear``) is trained on scikit-learn's 8x8 digits, each image
-row a token. Its MLP Linears are then replaced at 20% and 10% of their dense
-parameters by
+row a token. At 20% and 10% of the dense parameters its Linears are replaced by
 
-* the nearest Kronecker sum of the largest rank within the budget
-  (``ndcompile.convert(..., mode="factorize", include=["*mlp*"], rank=R)``), and
-* the best form at the budget among Kronecker, low-rank and Kronecker + low-rank
-  hybrids (:func:`ndcompile.compress.hybrid.budget_layer`),
+* MLP only: the nearest Kronecker sum of the largest rank within the budget
+  (``ndcompile.convert(..., mode="factorize", include=["*mlp*"], rank=R)``);
+* MLP only: the best form at the budget among Kronecker, low-rank and Kronecker +
+  low-rank hybrids (:func:`ndcompile.compress.hybrid.budget_layer`);
+* every Linear (embedding, attention q/k/v/out projections, MLP and head): Kronecker
+  sums whose per-layer ranks share the budget (:func:`budget_ranks`: the layer
+  furthest below its share gets the next term while the total fits),
 
-both fitted on calibration activations. The table shows the test accuracy right
-after conversion, after layer-wise distillation and after whole-model
-distillation (:func:`ndcompile.compress.distill.distill`), and the relative error of the
-test logits against the dense model's.
+all fitted on calibration activations. The table shows the test accuracy right
+after conversion, after layer-wise distillation alone
+(``ndcompile.distill(c, m, calibration, whole_model=False)``, on a copy) and after
+``ndcompile.distill(c, m, calibration)`` at its defaults (layer-wise, then whole
+model), then the same on ``(inputs, labels)`` batches with ``task_weight=1.0`` (a
+cross-entropy on the labels added to the distillation loss), and the relative error
+of the test logits against the dense model's. The
+params column counts weights and biases of the layers in scope.
 
 Run::
 
@@ -34,7 +40,6 @@ from digits_ndlinear import accuracy, digits_split, markdown_table, train
 from torch import Tensor, nn
 
 import ndcompile
-from ndcompile.compress.distill import distill
 from ndcompile.compress.hybrid import budget_layer
 from ndcompile.compress.kronecker import kronecker_params, plan_mode_shapes
 from ndcompile.compress.layer_fits import capture_grams
@@ -44,9 +49,9 @@ from ndcompile.passes import (
     dead_code_elimination,
     rewrite_ndlinear,
 )
-from ndcompile.report import LayerReport
+from ndcompile.report import LayerReport, report_of
 
-__all__ = ["Encoder", "budget_convert", "main"]
+__all__ = ["Encoder", "budget_convert", "budget_ranks", "main"]
 
 
 class MLP(nn.Module):
@@ -132,8 +137,54 @@ def budget_convert(
     return gm
 
 
-def _mlp_params(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+def _params(model: nn.Module, scope: str) -> int:
+    """Weights and biases of the MLP layers (``"mlp"``) or of every Linear-like layer."""
+    if scope == "mlp":
+        return sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+    return sum(
+        p.numel()
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, ndcompile.NdLinear))
+        for p in m.parameters()
+    )
+
+
+def budget_ranks(model: nn.Module, example: Tensor, budget: float) -> dict[str, int]:
+    """Per-layer Kronecker ranks for every Linear, at ``budget`` of their parameters in all.
+
+    Every layer starts at rank 1 (on the modes ``convert`` plans for it); then the
+    layer whose parameters are the smallest fraction of its dense ones gets one more
+    term, as long as the total (factors and biases) stays within ``budget`` of the
+    dense Linears' weights and biases.
+
+    Raises:
+        ValueError: A layer is left dense, or rank 1 everywhere exceeds the budget.
+    """
+    report = report_of(ndcompile.convert(model, example, mode="fresh", rank=1, min_features=8))
+    layers = [e for e in report.layers if e.status == "converted"]
+    if len(layers) != len(report.layers):
+        skipped = [(e.name, e.reason) for e in report.layers if e.status != "converted"]
+        raise ValueError(f"layers left dense: {skipped}")
+    term = {e.name: kronecker_params(e.in_shape or (), e.out_shape or (), 1) for e in layers}
+    bias = {e.name: e.params_after - term[e.name] for e in layers}
+    ranks = {e.name: 1 for e in layers}
+    dense = sum(e.params_before for e in layers)
+
+    total = sum(e.params_after for e in layers)
+    if total > budget * dense:
+        raise ValueError(f"rank 1 everywhere takes {total / dense:.1%} of the parameters")
+    while True:
+        fits = [e for e in layers if total + term[e.name] <= budget * dense]
+        if not fits:
+            return ranks
+        e = min(fits, key=lambda e: (bias[e.name] + ranks[e.name] * term[e.name]) / e.params_before)
+        ranks[e.name] += 1
+        total += term[e.name]
+
+
+def _rank_range(ranks: dict[str, int]) -> str:
+    low, high = min(ranks.values()), max(ranks.values())
+    return str(low) if low == high else f"{low}..{high}"
 
 
 def _kronecker_rank(dim: int, hidden: int, budget: float) -> int:
@@ -150,19 +201,20 @@ def main(
     hidden: int = 256,
     layers: int = 2,
     budgets: tuple[float, ...] = (0.2, 0.1),
-    steps: int = 200,
+    steps: int | None = None,
     whole_model_steps: int | None = None,
     lr: float = 3e-3,
     seed: int = 0,
     verbose: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train the encoder, compress its MLPs at each budget, distil; print and return the table."""
+    """Train the encoder, compress it at each budget, distil; print and return the table."""
     start = time.perf_counter()
     x_tr, y_tr, x_te, y_te = digits_split(0)
     torch.manual_seed(seed)
     dense = Encoder(dim, hidden, layers)
     train(dense, x_tr, y_tr, epochs=epochs, lr=lr, seed=seed)
     calibration = list(x_tr.split(128))
+    labels = list(zip(calibration, y_tr.split(128), strict=True))
     with torch.no_grad():
         reference = dense(x_te)
 
@@ -173,15 +225,16 @@ def main(
 
     rows: list[dict[str, Any]] = [
         {
-            "MLP weights": "dense",
+            "layers": "dense",
             "form": "-",
-            "MLP params": _mlp_params(dense),
+            "params": f"MLP {_params(dense, 'mlp')}, all {_params(dense, 'all')}",
             "acc factorized %": round(100 * accuracy(dense, x_te, y_te), 2),
             "acc + layer-wise %": "-",
-            "acc + whole-model %": "-",
+            "acc distilled %": "-",
+            "+ labels %": "-",
             "logit err factorized": "-",
             "logit err + layer-wise": "-",
-            "logit err + whole-model": "-",
+            "logit err distilled": "-",
         }
     ]
     include = ["*mlp*"]
@@ -200,40 +253,57 @@ def main(
                 for name, entry in hybrid.entries.items()
             }
         )
-        for label, form, gm in (
-            ("kronecker", f"kronecker R={rank}", kron),
-            ("best at budget", ", ".join(chosen), hybrid),
+        ranks = budget_ranks(dense, x_tr[:8], budget)
+        every = ndcompile.convert(
+            dense,
+            x_tr[:8],
+            mode="factorize",
+            rank=ranks,
+            min_features=8,
+            calibration=calibration,
+        )
+        for label, scope, form, gm in (
+            ("MLP, kronecker", "mlp", f"kronecker R={rank}", kron),
+            ("MLP, best at budget", "mlp", ", ".join(chosen), hybrid),
+            ("all Linears, kronecker", "all", f"kronecker R={_rank_range(ranks)}", every),
         ):
             converted_acc, converted_err = accuracy(gm, x_te, y_te), logit_error(gm)
-            distill(gm, dense, calibration, steps=steps, whole_model=False, progress=False)
-            layerwise_acc, layerwise_err = accuracy(gm, x_te, y_te), logit_error(gm)
-            distill(
-                gm,
-                dense,
-                calibration,
-                layerwise=False,
-                whole_model=True,
-                whole_model_steps=whole_model_steps,
-                progress=False,
+            layerwise = copy.deepcopy(gm)
+            ndcompile.distill(
+                layerwise, dense, calibration, steps=steps, whole_model=False, progress=False
             )
+            layerwise_acc, layerwise_err = accuracy(layerwise, x_te, y_te), logit_error(layerwise)
+            labelled = copy.deepcopy(gm)
+            for model, data, weight in ((gm, calibration, 0.0), (labelled, labels, 1.0)):
+                ndcompile.distill(
+                    model,
+                    dense,
+                    data,
+                    steps=steps,
+                    whole_model_steps=whole_model_steps,
+                    task_weight=weight,
+                    progress=False,
+                )
+            share = _params(gm, scope) / _params(dense, scope)
             rows.append(
                 {
-                    "MLP weights": f"{round(100 * budget)}%, {label}",
+                    "layers": f"{round(100 * budget)}%, {label}",
                     "form": form,
-                    "MLP params": _mlp_params(gm),
+                    "params": f"{_params(gm, scope)} ({100 * share:.1f}%)",
                     "acc factorized %": round(100 * converted_acc, 2),
                     "acc + layer-wise %": round(100 * layerwise_acc, 2),
-                    "acc + whole-model %": round(100 * accuracy(gm, x_te, y_te), 2),
+                    "acc distilled %": round(100 * accuracy(gm, x_te, y_te), 2),
+                    "+ labels %": round(100 * accuracy(labelled, x_te, y_te), 2),
                     "logit err factorized": round(converted_err, 4),
                     "logit err + layer-wise": round(layerwise_err, 4),
-                    "logit err + whole-model": round(logit_error(gm), 4),
+                    "logit err distilled": round(logit_error(gm), 4),
                 }
             )
     if verbose:
         print(
             f"digits rows as tokens: encoder d={dim}, MLP {hidden}, {layers} layers, trained "
-            f"{epochs} epochs (Adam lr {lr}); layer-wise distillation {steps} steps per layer, "
-            f"whole-model {whole_model_steps or 'until converged'} steps; seed {seed}; "
+            f"{epochs} epochs (Adam lr {lr}); distillation steps: layer-wise "
+            f"{steps or 'default'}, whole-model {whole_model_steps or 'default'}; seed {seed}; "
             f"{time.perf_counter() - start:.0f} s"
         )
         print(markdown_table(rows))
@@ -244,7 +314,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.1])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=None, help="layer-wise steps")
     parser.add_argument(
         "--whole-model-steps", type=int, default=None, help="default: until converged"
     )

@@ -283,6 +283,51 @@ def test_example_smoke() -> None:
         whole_model_steps=5,
         verbose=False,
     )
-    assert len(rows) == 3 and rows[0]["MLP weights"] == "dense"
-    assert rows[1]["MLP params"] <= rows[0]["MLP params"] * 0.25 + 2 * (16 + 32)
-    assert all(isinstance(r["acc + whole-model %"], float) for r in rows[1:])
+    assert [r["layers"] for r in rows] == [
+        "dense",
+        "25%, MLP, kronecker",
+        "25%, MLP, best at budget",
+        "25%, all Linears, kronecker",
+    ]
+    assert all(isinstance(r["acc distilled %"], float) for r in rows[1:])
+    share = float(rows[3]["params"].split("(")[1].rstrip("%)"))
+    assert 0 < share <= 25.0
+
+
+def test_budget_ranks_share_the_budget_across_every_linear() -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import compress_encoder
+    finally:
+        sys.path.pop(0)
+    model = compress_encoder.Encoder(dim=32, hidden=64, layers=1, heads=2)
+    x = torch.randn(4, 8, 8)
+    dense = sum(
+        p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()
+    )
+    with pytest.raises(ValueError, match="rank 1 everywhere"):
+        compress_encoder.budget_ranks(model, x, 0.05)
+    for budget in (0.15, 0.3):
+        ranks = compress_encoder.budget_ranks(model, x, budget)
+        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        assert set(ranks) == linears
+        converted = ndcompile.convert(model, x, mode="fresh", rank=ranks, min_features=8)
+        params = sum(p.numel() for p in converted.parameters()) - sum(
+            p.numel() for n, p in model.named_parameters() if not _in_linear(model, n)
+        )
+        assert params <= budget * dense
+        # one more term on any layer would break the budget
+        assert all(
+            params + sum(a * b for a, b in zip(*_modes(converted, n), strict=True)) > budget * dense
+            for n in ranks
+        )
+
+
+def _in_linear(model: nn.Module, name: str) -> bool:
+    owner = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(owner), nn.Linear) if owner else False
+
+
+def _modes(model: nn.Module, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    layer = model.get_submodule(name)
+    return tuple(layer.in_shape), tuple(layer.out_shape)

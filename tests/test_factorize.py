@@ -323,3 +323,36 @@ def test_bad_input_raises(call, match) -> None:
 def test_error_names_layer() -> None:
     with pytest.raises(NdCompileError, match=r"\[blocks\.0\.fc1\]"):
         nearest_kronecker(W_BAD, (4, 5), (5, 3), 1, layer="blocks.0.fc1")
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_example_output_error_streams_the_weight(monkeypatch, chunk) -> None:  # type: ignore[no-untyped-def]
+    import ndcompile.compress.layer_fits as layer_fits
+
+    monkeypatch.setattr(layer_fits, "ERROR_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 6, generator=gen)
+    x = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    estimate = x @ (w.double() + 0.1 * torch.randn(10, 6, generator=gen, dtype=torch.float64)).T
+    ref = x @ w.double().T
+    expected = float((ref - estimate).norm() / ref.norm())
+    assert layer_fits.example_output_error(w, x, estimate) == pytest.approx(expected, rel=1e-12)
+    assert layer_fits.example_output_error(w, x, ref) == pytest.approx(0.0, abs=1e-15)
+    zero = torch.zeros(10, 6)
+    assert layer_fits.example_output_error(zero, x, torch.zeros(5, 10)) == 0.0
+    assert layer_fits.example_output_error(zero, x, estimate) == math.inf
+
+
+def test_lowrank_output_error_matches_the_dense_computation() -> None:
+    from ndcompile.compress.layer_fits import lowrank_output_error
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 8, generator=gen)
+    x = torch.randn(7, 8, generator=gen)
+    k = 3
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    w_hat = (u[:, :k] * s[:k]) @ vh[:k]
+    ref = x.double() @ w.double().T
+    expected = float((ref - x.double() @ w_hat.T).norm() / ref.norm())
+    got = lowrank_output_error(w, x, None, k * (12 + 8))
+    assert got == pytest.approx(expected, rel=1e-9)

@@ -110,6 +110,35 @@ def test_autotune_times_then_hits_cache(monkeypatch) -> None:  # type: ignore[no
     assert calls, "a new shape must be timed again"
 
 
+@pytest.mark.parametrize(
+    ("in_shape", "reference", "winner"),
+    [
+        # opt_einsum's per-mode order is the reference's first-to-last one here
+        ((8, 8, 3), "modes 0 | 1 | 2", "modes 0 | 1 | 2"),
+        ((8, 8, 4), "order 0,1,2", "order 0,1,2"),
+        ((8, 8, 4), "order 0,1,2", "modes 0⊗1⊗2"),
+    ],
+)
+def test_autotune_always_times_the_reference_schedule_and_the_dense_block(
+    monkeypatch: pytest.MonkeyPatch, in_shape: tuple[int, ...], reference: str, winner: str
+) -> None:
+    calls: list[str] = []
+
+    def fake_time(cand, operands, reps):  # type: ignore[no-untyped-def]
+        calls.append(cand.label)
+        return 1.0 if cand.label == winner else 10.0
+
+    monkeypatch.setattr(plan_mod, "_time_candidate", fake_time)
+    shapes = (in_shape, (8, 8, 3))
+    estimated = plan_ndlinear(*shapes, batch=16, machine=MACHINE)
+    rank = [c.label for c in estimated.candidates].index(winner)
+    assert rank >= 1, "the case must not already time the winner as the best estimate"
+    choice = plan_ndlinear(*shapes, batch=16, machine=MACHINE, autotune=True, top_k=1)
+    assert {reference, "modes 0⊗1⊗2"} <= set(calls)
+    assert choice.chosen.label == winner and choice.chosen.measured_us == 1.0
+    assert len(choice.candidates) == len(estimated.candidates)
+
+
 def test_layer_trains_through_a_grouped_plan() -> None:
     torch.manual_seed(0)
     layer = NdLinear((8, 4, 3), (4, 4, 3), rank=2).double()

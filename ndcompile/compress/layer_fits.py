@@ -9,6 +9,7 @@ layer with the same number of parameters.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,7 +35,13 @@ from ndcompile.frontend.sites import LinearSite
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.report import LayerReport
 
-__all__ = ["capture_grams", "capture_inputs", "factorized_layer", "lowrank_output_error"]
+__all__ = [
+    "capture_grams",
+    "capture_inputs",
+    "example_output_error",
+    "factorized_layer",
+    "lowrank_output_error",
+]
 
 
 def capture_inputs(gm: nn.Module, names: Iterable[str], inputs: Any) -> dict[str, Tensor]:
@@ -105,16 +112,44 @@ def lowrank_output_error(
     k = params // (in_f + out_f)
     if k < 1:
         return None
-    res = truncated_svd(weight.detach(), min(k, out_f, in_f))
-    w = weight.detach().double()
-    w_hat = (res.u * res.s[: res.u.shape[1]]) @ res.vh
-    if gram is not None:
-        return output_rel_error(w, w_hat, gram)
-    if x is None:
+    if gram is None and x is None:
         return None
+    res = truncated_svd(weight.detach(), min(k, out_f, in_f))
+    us = res.u * res.s[: res.u.shape[1]]
+    if gram is not None:
+        return output_rel_error(weight.detach().double(), us @ res.vh, gram)
+    assert x is not None
     xf = x.reshape(-1, in_f).double()
-    ref = xf @ w.T
-    return float((ref - xf @ w_hat.T).norm() / ref.norm().clamp_min(1e-300))
+    return example_output_error(weight, xf, (xf @ res.vh.T.to(xf)) @ us.T.to(xf))
+
+
+#: Output features per chunk of :func:`example_output_error` (bounds its float64 copies).
+ERROR_CHUNK = 4096
+
+
+def example_output_error(weight: Tensor, xf: Tensor, estimate: Tensor) -> float:
+    """``||xf Wᵀ - estimate|| / ||xf Wᵀ||`` in float64, ``W`` read in output-row chunks.
+
+    Args:
+        weight: The dense weight ``(out_features, in_features)`` (any float dtype).
+        xf: The layer's example input rows, float64 ``(rows, in_features)``.
+        estimate: The approximation's output on ``xf``, ``(rows, out_features)``.
+
+    Returns:
+        The relative error (0.0 when both outputs vanish).
+    """
+    err = ref = 0.0
+    w = weight.detach()
+    for i in range(0, w.shape[0], ERROR_CHUNK):
+        exact = xf @ w[i : i + ERROR_CHUNK].to(torch.float64).T
+        err += float((exact - estimate[:, i : i + ERROR_CHUNK].double()).pow(2).sum())
+        ref += float(exact.pow(2).sum())
+    return (err / ref) ** 0.5 if ref > 0 else (0.0 if err == 0 else float("inf"))
+
+
+def _bias(site: LinearSite, like: Tensor) -> Tensor | float:
+    bias = site.module.bias
+    return 0.0 if bias is None else bias.detach().to(like)
 
 
 def _fit(
@@ -187,16 +222,17 @@ def factorized_layer(
         entry.extra["spectrum"] = [round(float(s), 6) for s in fit.spectrum[:32]]
     if fit.tol_met is not None:
         entry.extra["tol_met"] = bool(fit.tol_met)
-    w_hat = kron_dense([f.detach() for f in layer.factors])
     if gram is not None:
+        w_hat = kron_dense([f.detach() for f in layer.factors])
         entry.output_rel_error = output_rel_error(w.detach(), w_hat, gram)
         entry.extra["output_error_source"] = "calibration"
     elif x is not None:
         xf = x.reshape(-1, w.shape[1]).double()
-        ref = xf @ w.detach().double().T
-        entry.output_rel_error = float(
-            (ref - xf @ w_hat.double().T).norm() / ref.norm().clamp_min(1e-300)
-        )
+        with torch.no_grad():
+            probe = copy.deepcopy(layer).double()
+            estimate = probe(xf.reshape(-1, *site.in_shape)).reshape(xf.shape[0], -1)
+            estimate = estimate - _bias(site, xf)
+        entry.output_rel_error = example_output_error(w, xf, estimate)
         entry.extra["output_error_source"] = "example"
     params = kronecker_params(site.in_shape, site.out_shape, fit.rank)
     entry.extra["lowrank_output_error_equal_params"] = lowrank_output_error(w, x, gram, params)

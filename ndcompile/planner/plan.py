@@ -289,7 +289,8 @@ def plan_ndlinear(
         batch: Typical number of rows (leading dims flattened).
         optimizer: opt_einsum optimizer for the per-mode candidate.
         machine: Cost-model constants (default: measured once and cached).
-        autotune: Time the ``top_k`` best-estimated candidates and keep the fastest
+        autotune: Time the ``top_k`` best-estimated candidates, the reference
+            schedule and the dense block (when planned), and keep the fastest
             (decision cached on disk).
         top_k: Candidates timed when autotuning.
         reps: Timed repetitions per candidate.
@@ -312,6 +313,8 @@ def plan_ndlinear(
             # The FLOP-optimal order is not always the fastest: applying a mode that
             # grows the activation last keeps the cheap small-K products small.
             options.extend((grouping, order) for order in permutations(range(len(in_shape))))
+        elif all(len(g) == 1 for g in grouping):
+            options.append((grouping, tuple(range(len(in_shape)))))  # the reference's order
     for grouping, order in options:
         if order is not None:
             plan = tn.plan(optimizer, nominal_batch=batch, path=_sequential_path(order))
@@ -333,6 +336,11 @@ def plan_ndlinear(
     cands.sort(key=lambda c: c.est_us)
     if not autotune:
         return PlanChoice(cands[0], cands)
+    # Whatever their estimates, autotune also times the reference NdLinear's own
+    # schedule (modes applied one at a time, first to last) and the dense layer (all
+    # modes in one Kronecker block, one GEMM; planned when small enough to build):
+    # the timed winner is never slower than either on the machine that runs it.
+    n = len(in_shape)
     cache_key = _autotune_key(tuple(in_shape), tuple(out_shape), rank, batch, dtype, device)
     label = _load_cache().get(cache_key)
     for cand in cands:
@@ -343,11 +351,18 @@ def plan_ndlinear(
     for d, h in zip(in_shape, out_shape, strict=True):
         shape = (h, d) if rank == 1 else (rank, h, d)
         operands.append(torch.randn(*shape, generator=gen, dtype=dtype).to(device))
-    timed = [
-        dataclasses.replace(c, measured_us=_time_candidate(c, operands, reps))
-        for c in cands[:top_k]
+    reference = tn.plan(optimizer, nominal_batch=batch, path=_sequential_path(tuple(range(n))))
+    baseline = {tuple(reference.program.instructions)}
+    baseline |= {
+        tuple(c.plan.program.instructions) for c in cands if c.grouping == (tuple(range(n)),)
+    }
+    chosen = [
+        c
+        for k, c in enumerate(cands)
+        if k < top_k or (not c.chains and tuple(c.plan.program.instructions) in baseline)
     ]
-    cands = timed + cands[top_k:]
+    timed = [dataclasses.replace(c, measured_us=_time_candidate(c, operands, reps)) for c in chosen]
+    cands = timed + [c for c in cands if not any(c is t for t in chosen)]
     best = min(timed, key=lambda c: c.measured_us or math.inf)
     _store_cache(cache_key, best.label)
     return PlanChoice(best, cands, autotuned=True)
