@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 import ndcompile
 from ndcompile.compress.distill import distill
+from ndcompile.compress.distill_stats import LayerStats
 
 WORLD = 2
 TIMEOUT_S = 120.0
@@ -82,19 +83,55 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_processes_match_one(tmp_path: Path) -> None:
-    context = mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+def _spawn(worker: object, tmp_path: Path) -> list[dict]:
+    """Run ``worker(rank, world, port, out)`` on ``WORLD`` processes; their saved results."""
+    context = mp.spawn(worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
             if time.monotonic() >= deadline:
-                pytest.fail(f"distill workers did not finish within {TIMEOUT_S:.0f} s")
+                pytest.fail(f"workers did not finish within {TIMEOUT_S:.0f} s")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
                 process.join(5)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _reservoir_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 0 sees 100 copies of one row, rank 1 300 of another; reservoirs keep 50."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        stats = LayerStats(4, "reservoir", cap=50)
+        row = (
+            torch.tensor([1.0, 2.0, 0.0, -1.0]) if rank == 0 else torch.tensor([0.0, 1.0, 3.0, 1.0])
+        )
+        for _ in range(100 if rank == 0 else 300):
+            stats.add(row[None])
+        gram, row_sum, n = stats.finalize()
+        torch.save({"gram": gram, "row_sum": row_sum, "n": n, "kept": stats.rows_kept,
+                    "seen": stats.rows_total}, os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reservoirs_merge_weighted_by_the_rows_each_process_saw(tmp_path: Path) -> None:
+    ranks = _spawn(_reservoir_worker, tmp_path)
+    a = torch.tensor([1.0, 2.0, 0.0, -1.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 1.0, 3.0, 1.0], dtype=torch.float64)
+    want_gram = (100 * torch.outer(a, a) + 300 * torch.outer(b, b)) / 400
+    want_sum = (100 * a + 300 * b) / 400
+    for got in ranks:
+        assert got["n"] == got["kept"] == 100 and got["seen"] == 400  # 50 rows kept per rank
+        torch.testing.assert_close(got["gram"] / got["n"], want_gram)
+        torch.testing.assert_close(got["row_sum"] / got["n"], want_sum)
+
+
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    ranks = _spawn(_worker, tmp_path)
     single = _run(0, 1)
     assert ranks[0]["processes"] == WORLD and single["processes"] == 1
     for name, value in single["state"].items():
