@@ -23,6 +23,7 @@ Usage::
     python benchmarks/bench_layers.py --quick                 # CI smoke, no compile
     python benchmarks/bench_layers.py --scaling --threads 2   # time vs batch / mode size
     python benchmarks/bench_layers.py --cases cube16_b256 --profile
+    python benchmarks/bench_layers.py --autotune --threads 2   # plans chosen by timing
 """
 
 from __future__ import annotations
@@ -182,9 +183,17 @@ def _compiled(module: nn.Module, backend: str) -> nn.Module:
 
 
 def build_variants(
-    case: Case, device: torch.device, *, compile_: bool, max_dense_params: float
+    case: Case,
+    device: torch.device,
+    *,
+    compile_: bool,
+    max_dense_params: float,
+    autotune: bool = False,
 ) -> tuple[dict[str, nn.Module], dict[str, str], NdLinear]:
     """All variants of ``case`` sharing the reference layer's weights.
+
+    ``autotune`` plans the ndcompile layer by timing candidates (the reference
+    schedule and the dense block among them) instead of by the cost model.
 
     Returns:
         ``(modules, skipped, nd_layer)``: runnable variants, skip reasons by name,
@@ -192,7 +201,7 @@ def build_variants(
     """
     ref = _reference_layer(case).to(device)
     nd = NdLinear.from_reference(ref)
-    nd.replan(plan_batch=case.batch)
+    nd.replan(plan_batch=case.batch, autotune=autotune)
     mods: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     dense_params = nd.in_features * nd.out_features
@@ -283,11 +292,12 @@ def bench_case(
     min_iters: int,
     max_iters: int,
     max_dense_params: float,
+    autotune: bool = False,
 ) -> dict[str, Any]:
     """Run every variant of one case; returns its JSON record."""
     torch._dynamo.reset()
     mods, skipped, nd = build_variants(
-        case, device, compile_=compile_, max_dense_params=max_dense_params
+        case, device, compile_=compile_, max_dense_params=max_dense_params, autotune=autotune
     )
     plan_flops = int(nd.plan().flops)
     ref_flops = reference_flops(case)
@@ -639,6 +649,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="PNG of the scaling sweep (needs matplotlib)",
     )
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of each case")
+    p.add_argument(
+        "--autotune", action="store_true", help="plan ndcompile layers by timing candidates"
+    )
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     return p.parse_args(argv)
 
@@ -670,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "roofline_matmul": roof_size,
             "compile": compile_,
             "quick": args.quick,
+            "autotune": args.autotune,
             "timing": timing,
             "dynamo_backends": list(torch._dynamo.list_backends()),
         },
@@ -692,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 case_roof,
                 compile_=compile_,
                 max_dense_params=args.max_dense_params,
+                autotune=args.autotune,
                 **timing,
             )
             rec["roofline_gflops"] = case_roof
