@@ -213,3 +213,24 @@ def test_bench_onnx_quick_json(tmp_path: Path) -> None:
     for case in data["cases"]:
         assert set(case["fwd_ms"]) == {"eager", "inductor", "onnxruntime"}
         assert case["onnx_max_abs_error"] < 1e-4
+
+
+def test_bench_planner_quick_json(tmp_path: Path) -> None:
+    out = tmp_path / "planner.json"
+    proc = run_script("bench_planner.py", "--quick", "--cases", "tiny", "--json", str(out))
+    (r1, r4) = json.loads(out.read_text())["cases"]
+    assert (r1["rank"], r4["rank"]) == (1, 4)
+    for r in (r1, r4):
+        assert len(r["measured_us"]) == len(r["estimates_us"]) == r["candidates"] > 1
+        assert r["regret"] >= 1.0 and r["reference_over_best"] >= 1.0
+        assert -1.0 <= r["spearman"] <= 1.0
+    assert r1["dense_over_best"] >= 1.0  # (8,8,4) materialises as one block
+    assert "spearman" in proc.stdout
+
+
+def test_spearman() -> None:
+    import bench_planner
+
+    assert bench_planner.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert bench_planner.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert bench_planner.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
