@@ -11,7 +11,9 @@ For every case, in one process and from the same weights, times the forward pass
 * ``nd_inductor``    ``torch.compile(nd_eager, backend="inductor")``;
 * ``ref_ndcompile``  ``torch.compile(reference, backend="ndcompile")`` when that
                      backend is registered and works;
-* ``tltorch``        tensorly-torch's factorized linear layer when installed.
+* ``tltorch``        tensorly-torch's CP-factorized linear layer when installed, at
+                     the CP rank whose parameters match the rank-1 NdLinear's
+                     (``Σ dᵢhᵢ / (Σ dᵢ + Σ hᵢ)``, at least 1).
 
 It prints Markdown tables of times, speedups against the reference and against
 dense, and achieved GFLOP/s (from the planned FLOP count) next to a roofline
@@ -159,6 +161,12 @@ class _Flat(nn.Module):
         return self.linear(x.flatten(1)).unflatten(1, self.out_shape)
 
 
+def tltorch_rank(case: Case) -> int:
+    """CP rank with the parameters of the rank-1 NdLinear: ``Σ dᵢhᵢ / (Σ dᵢ + Σ hᵢ)``."""
+    nd = sum(d * h for d, h in zip(case.in_shape, case.out_shape, strict=True))
+    return max(1, round(nd / (sum(case.in_shape) + sum(case.out_shape))))
+
+
 def _tltorch_layer(case: Case, device: torch.device) -> nn.Module:
     try:
         import tltorch
@@ -169,7 +177,7 @@ def _tltorch_layer(case: Case, device: torch.device) -> nn.Module:
             in_tensorized_features=case.in_shape,
             out_tensorized_features=case.out_shape,
             factorization="cp",
-            rank=1,
+            rank=tltorch_rank(case),
         ).to(device)
     except Exception as exc:  # an API change in the optional package
         raise Skip(f"tltorch.FactorizedLinear failed: {_first_line(exc)}") from exc
