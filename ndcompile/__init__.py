@@ -20,6 +20,7 @@ from ndcompile.ir.network import OPTIMIZERS, NetworkPlan, TensorNetwork
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.pipeline.convert import MODES, convert, optimize, relative_error
 from ndcompile.pipeline.options import ConvertOptions
+from ndcompile.pipeline.weights import empty_weights
 from ndcompile.planner.plan import PlanChoice, plan_ndlinear
 from ndcompile.report import ConversionReport, LayerReport
 
@@ -46,6 +47,7 @@ __all__ = [
     "adapter_state_dict",
     "convert",
     "distill",
+    "empty_weights",
     "export_onnx",
     "from_pretrained",
     "load",

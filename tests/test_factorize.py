@@ -341,18 +341,3 @@ def test_example_output_error_streams_the_weight(monkeypatch, chunk) -> None:  #
     zero = torch.zeros(10, 6)
     assert layer_fits.example_output_error(zero, x, torch.zeros(5, 10)) == 0.0
     assert layer_fits.example_output_error(zero, x, estimate) == math.inf
-
-
-def test_lowrank_output_error_matches_the_dense_computation() -> None:
-    from ndcompile.compress.layer_fits import lowrank_output_error
-
-    gen = torch.Generator().manual_seed(1)
-    w = torch.randn(12, 8, generator=gen)
-    x = torch.randn(7, 8, generator=gen)
-    k = 3
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    w_hat = (u[:, :k] * s[:k]) @ vh[:k]
-    ref = x.double() @ w.double().T
-    expected = float((ref - x.double() @ w_hat.T).norm() / ref.norm())
-    got = lowrank_output_error(w, x, None, k * (12 + 8))
-    assert got == pytest.approx(expected, rel=1e-9)

@@ -295,3 +295,20 @@ def test_forward_backward_helper_detects_mismatches() -> None:
         assert_close_forward_backward(layer, other, x, atol=1e-10, rtol=1e-10)
     with pytest.raises(AssertionError, match="do not exist"):
         assert_close_forward_backward(layer, layer, x, atol=0, rtol=0, param_map={"w": "w"})
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_bias_is_added_in_place_only_outside_autograd(flat: bool) -> None:
+    layer = NdLinear((4, 6), (3, 5), rank=2, bias=True).double()
+    layer.flat = flat
+    x = torch.randn(7, *((24,) if flat else (4, 6)), dtype=torch.float64)
+    before = x.clone()
+    want = layer.to_dense()(x.reshape(7, 24)).reshape(7, *((15,) if flat else (3, 5)))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    assert torch.equal(x, before)
+    out = layer(x)  # autograd on: the add is out of place and gradients flow
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    assert layer.bias is not None and layer.bias.grad is not None
+    torch.testing.assert_close(layer.bias.grad, torch.full_like(layer.bias, 7.0))

@@ -115,7 +115,10 @@ def apply_ndlinear(
         y = y + torch.matmul(torch.matmul(flat, v.t()), u.t()).reshape((-1, *out_shape))
     y = y.reshape(lead + ((math.prod(out_shape),) if flat_input else out_shape))
     if bias is not None:
-        y = y + (bias if flat_input else bias.reshape(out_shape))
+        b = bias if flat_input else bias.reshape(out_shape)
+        # The contraction's result is a fresh tensor: outside autograd, adding the bias
+        # in place saves a fresh output buffer and a pass over it (the largest tensor).
+        y = y.add_(b) if isinstance(y, Tensor) and not y.requires_grad else y + b
     return y
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -80,6 +81,7 @@ def convert(
     output: str = "auto",
     progress: bool = False,
     distributed: bool = False,
+    weights: str | os.PathLike[str] | None = None,
     options: ConvertOptions | None = None,
 ) -> nn.Module:
     """Convert ``model``'s dense layers into NdLinear contractions.
@@ -140,6 +142,12 @@ def convert(
             ``torch.distributed`` group (rank ``i`` fits layers ``i, i + world, ...``;
             the fitted layers are broadcast, so every process returns the whole
             model). Every process must call ``convert`` with the same arguments.
+        weights: For a model built on the meta device (``ndcompile.empty_weights()``
+            or ``torch.device("meta")``): its state_dict on disk (``.safetensors``,
+            or a ``torch.save`` file). Each replaced layer's weights are read when its
+            fit runs and the layers kept are loaded into the result, so the dense
+            model is never in memory; the result is checked to run on the example
+            (the original cannot run, so it is not compared).
         options: A prepared :class:`ConvertOptions` (then the keyword options above
             are ignored).
 
@@ -174,6 +182,7 @@ def convert(
             output=output,
             progress=progress,
             distributed=distributed,
+            weights=None if weights is None else os.fspath(weights),
         )
     if isinstance(model, nn.Linear | NdLinear) or is_reference_ndlinear(model):
         raise NdCompileError(
@@ -194,7 +203,12 @@ def convert(
             hint="convert the Python model before torch.jit.script/trace",
         )
     example = example_inputs(example_input)
-    if options.output == "auto" and options.mode == "exact" and not example.kwargs:
+    if (
+        options.output == "auto"
+        and options.mode == "exact"
+        and not example.kwargs
+        and options.weights is None
+    ):
         try:
             return convert_graph(model, example, dataclasses.replace(options, fallback=False))
         except UntraceableError as exc:

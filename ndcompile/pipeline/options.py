@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -101,6 +102,7 @@ class ConvertOptions:
     output: str = "auto"
     progress: bool = False
     distributed: bool = False
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -133,6 +135,24 @@ class ConvertOptions:
         if not math.isfinite(self.alpha):
             raise NdCompileError(f"alpha must be finite, got {self.alpha}")
         self._check_mode_options()
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        if self.weights is None:
+            return
+        object.__setattr__(self, "weights", os.fspath(self.weights))
+        if self.output == "graph":
+            raise NdCompileError(
+                "weights= (a model on the meta device, weights on disk) needs output='module'",
+                hint="drop output='graph'",
+            )
+        if self.calibration is not None:
+            raise NdCompileError(
+                "calibration= needs the original's activations, which a model on the meta "
+                "device cannot compute",
+                hint="load the weights into the model and convert it with calibration=, "
+                "or drop calibration=",
+            )
 
     def _check_mode_options(self) -> None:
         ignored = {
@@ -184,7 +204,7 @@ class ConvertOptions:
         """The options that describe the converted architecture, as JSON-ready values."""
         out = {}
         for f in fields(self):
-            if f.name in ("calibration", "leaf_modules", "progress", "distributed"):
+            if f.name in ("calibration", "leaf_modules", "progress", "distributed", "weights"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value

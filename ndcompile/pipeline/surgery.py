@@ -43,6 +43,12 @@ from ndcompile.pipeline.checks import (
 )
 from ndcompile.pipeline.modes import FitData, Mode, apply_skip_rules, get_mode
 from ndcompile.pipeline.options import ConvertOptions
+from ndcompile.pipeline.weights import (
+    check_runs,
+    fill_from_checkpoint,
+    materialized_site,
+    open_weights,
+)
 from ndcompile.progress import progress
 from ndcompile.report import ConversionReport, LayerReport
 
@@ -174,15 +180,21 @@ def _plan_sites(
     example: ExampleInputs,
     report: ConversionReport,
     opts: ConvertOptions,
+    has_weights: bool = True,
 ) -> tuple[list[LinearSite], dict[str, LayerReport], FitData]:
-    """Capture and plan on the user's model itself (its state is restored afterwards)."""
+    """Capture and plan on the user's model itself (its state is restored afterwards).
+
+    A model on the meta device (``has_weights=False``) gives no activations: the
+    fits then report no example output errors.
+    """
     sites = find_module_sites(model, example, opts, report.notes)
     opts.check_layer_names(s.name for s in sites)
     entries = {site.name: layer_entry(site) for site in sites}
     report.layers.extend(entries.values())
     apply_skip_rules(mode, sites, entries, opts)
     with unchanged_state(model):
-        data = _fit_data(model, sites, example, opts) if mode.needs_fit_data else FitData()
+        wanted = mode.needs_fit_data and has_weights
+        data = _fit_data(model, sites, example, opts) if wanted else FitData()
     return sites, entries, data
 
 
@@ -244,7 +256,8 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
         The copy (the user's class) with converted layers and a ``report``.
     """
     mode = get_mode(opts.mode)
-    reference = reference_outputs(model, example) if opts.verify else None
+    ckpt = open_weights(model, opts)
+    reference = reference_outputs(model, example) if opts.verify and ckpt is None else None
     report = ConversionReport(
         mode=opts.mode,
         params_before=count_parameters(model),
@@ -252,7 +265,7 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
         options=opts.to_json(),
     )
     if mode.replaces_sites:
-        sites, entries, data = _plan_sites(model, mode, example, report, opts)
+        sites, entries, data = _plan_sites(model, mode, example, report, opts, ckpt is None)
         chosen = [site for site in sites if site.convertible]
         work = _copy_without(model, [site.name for site in chosen])
         rank, world = _world(opts)
@@ -261,7 +274,8 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
         ):
             layer = None
             if i % world == rank:
-                layer = mode.make_layer(site, entries[site.name], opts, data)
+                fit = site if ckpt is None else materialized_site(site, model, ckpt)
+                layer = mode.make_layer(fit, entries[site.name], opts, data)
                 if isinstance(layer, NdLinear):
                     layer.flat = True
             if world > 1:
@@ -275,11 +289,21 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
             )
     else:
         work = _copy_without(model, [])
+        if ckpt is not None:
+            fill_from_checkpoint(work, ckpt)
         _exact(work, example, report, opts)
+    if ckpt is not None:
+        loaded = fill_from_checkpoint(work, ckpt)
+        report.notes.append(
+            f"weights read from {ckpt.path.name}: each replaced layer's weights when its fit "
+            f"ran, then {loaded} tensors of the layers kept"
+        )
     mode.finish(work, opts)
     record_in_config(work, opts.mode)
     report.params_after = count_parameters(work)
-    if opts.verify:
+    if opts.verify and ckpt is None:
         verify_outputs(work, example, reference, report, strict=mode.strict(opts))
+    elif opts.verify:
+        check_runs(work, example, report)
     work.report = report  # type: ignore[assignment]
     return work
