@@ -294,6 +294,47 @@ def test_convert_bert_from_token_shape_writes_state_dict(
     assert sum(v.numel() for v in state.values()) == data["params_after"]
 
 
+def test_convert_weights_on_disk_equals_converting_the_loaded_model(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from ndcompile.cli.loading import build_model
+
+    ckpt = tmp_path / "gpt2.pt"  # lm_head.weight is tied: torch.save keeps both names
+    torch.save(build_model(f"{models}:gpt2").state_dict(), ckpt)
+    common = [
+        "convert", f"{models}:gpt2", "--state-dict", str(ckpt), "--example-shape", "2,12",
+        "--example-dtype", "long", "--mode", "factorize", "--rank", "2",
+    ]  # fmt: skip
+    outs = {}
+    for flags in ([], ["--weights-on-disk"]):
+        outs[bool(flags)] = tmp_path / f"w{len(flags)}.safetensors"
+        code, out, err = _run(capsys, *common, *flags, "--state-dict-out", str(outs[bool(flags)]))
+        assert code == 0, err
+    assert "not compared with the original" in out and "weights read from gpt2" in out
+    from safetensors.torch import load_file
+
+    loaded, on_disk = load_file(outs[False]), load_file(outs[True])
+    assert loaded.keys() == on_disk.keys()
+    assert all(torch.equal(loaded[k], on_disk[k]) for k in loaded)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "reads the weights from --state-dict"),
+        (["--state-dict", "w.safetensors", "--distill", "d.pt"], "--distill runs the original"),
+    ],
+)
+def test_weights_on_disk_usage_errors(
+    models: Path, capsys: pytest.CaptureFixture, extra: list[str], message: str
+) -> None:
+    code, _, err = _run(
+        capsys, "convert", f"{models}:gpt2", "--weights-on-disk", "--example-shape", "2,12",
+        "--example-dtype", "long", "--mode", "fresh", "--save", "x.safetensors", *extra,
+    )  # fmt: skip
+    assert code == EXIT_USAGE and message in err
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [

@@ -48,6 +48,7 @@ from ndcompile.cli.output import (
 from ndcompile.compress.distill import distill
 from ndcompile.frontend.inputs import ExampleInputs
 from ndcompile.pipeline.convert import convert, relative_error
+from ndcompile.pipeline.weights import empty_weights
 from ndcompile.report import report_of
 
 __all__ = [
@@ -86,8 +87,13 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, ExampleInputs, Any]
     """Build the model, load its weights, make the example inputs and run the model once."""
     _check_example_options(args)
     dtype = parse_dtype(args.dtype)
-    state = load_checkpoint(args.state_dict) if args.state_dict else None
-    model = build_model(args.model)
+    on_disk = getattr(args, "weights_on_disk", False)
+    state = load_checkpoint(args.state_dict) if args.state_dict and not on_disk else None
+    if on_disk:
+        with empty_weights():
+            model = build_model(args.model)
+    else:
+        model = build_model(args.model)
     if state is not None:
         load_state_dict_strict(model, state)
     model = model.to(dtype).eval()
@@ -106,6 +112,8 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, ExampleInputs, Any]
         what = f"an example input of shape {describe_example(example)}"
         hint = "pass the input shape the model's forward expects with --example-shape"
     hint = unnamed_inputs_hint(model, example) or hint
+    if on_disk:  # the parameters are on the meta device: nothing to run
+        return model, example, None
     reference = _run_model(model, example, what, hint=hint)
     return model, example, reference
 
@@ -212,6 +220,21 @@ def _checked_calibration(
     return batches
 
 
+def _check_on_disk(args: argparse.Namespace) -> None:
+    """``--weights-on-disk`` needs a checkpoint and cannot run the original model."""
+    if not args.state_dict:
+        raise UsageError(
+            "--weights-on-disk reads the weights from --state-dict CKPT",
+            hint="add --state-dict model.safetensors",
+        )
+    for flag, value in (("--calibration", args.calibration), ("--distill", args.distill)):
+        if value:
+            raise UsageError(
+                f"{flag} runs the original model, which --weights-on-disk never loads",
+                hint=f"drop {flag}, or drop --weights-on-disk to load the weights first",
+            )
+
+
 def run_convert(args: argparse.Namespace) -> int:
     """``ndcompile convert``: load, convert, verify, then write every output or none."""
     if not args.output and not args.state_dict_out and not args.save:
@@ -228,6 +251,9 @@ def run_convert(args: argparse.Namespace) -> int:
     report_out = check_output_path(args.report, (".json",), "--report") if args.report else None
     export_onnx = onnx_exporter() if out is not None and out.suffix == ".onnx" else None
     kwargs = conversion_kwargs(args)
+    if args.weights_on_disk:
+        _check_on_disk(args)
+        kwargs["weights"] = args.state_dict
     calibration = load_calibration(args.calibration) if args.calibration else None
     progress = Progress(
         ["load", "convert", *(["distill"] if args.distill else []), "verify", "export", "save"],

@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conversion_options(conv, mode_required=True)
     conv.add_argument("--calibration", metavar="DATA", help="inputs (tensor or list) for fitting")
     conv.add_argument(
+        "--weights-on-disk",
+        action="store_true",
+        help="with --state-dict CKPT: build the model with its parameters on the meta device "
+        "and read each layer's weights from CKPT as it is converted (the dense model is "
+        "never in memory; the original is not run, so nothing is compared with it)",
+    )
+    conv.add_argument(
         "--distill",
         metavar="DATA",
         help="inputs to distill the converted model towards the original: a tensor of rows "
