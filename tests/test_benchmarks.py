@@ -234,3 +234,34 @@ def test_spearman() -> None:
     assert bench_planner.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert bench_planner.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert bench_planner.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+
+
+def test_bench_convert_quick_json(tmp_path: Path) -> None:
+    out = tmp_path / "convert.json"
+    run_script("bench_convert.py", "--quick", "--repeats", "1", "--json", str(out), timeout=300)
+    cases = json.loads(out.read_text())["cases"]
+    assert {c["method"] for c in cases} >= {"full", "truncated"}
+    full = {(c["size"], c["rank"]): c["rel_error"] for c in cases if c["method"] == "full"}
+    for c in cases:
+        if c["method"] == "truncated" and (c["size"], c["rank"]) in full:
+            assert c["rel_error"] == pytest.approx(full[c["size"], c["rank"]], rel=1e-6)
+
+
+def test_bench_convert_model_streaming_and_disk(tmp_path: Path) -> None:
+    out = tmp_path / "model.json"
+    args = ["--hidden", "128", "--layers", "1", "--rank", "2", "--methods", "streaming,disk"]
+    run_script("bench_convert_model.py", *args, "--json", str(out), timeout=300)
+    streaming, disk = json.loads(out.read_text())
+    assert (streaming["method"], disk["method"]) == ("streaming", "disk")
+    assert streaming["converted"] == disk["converted"] == 8
+    assert streaming["params_after"] == disk["params_after"] < streaming["params"]
+    assert disk["peak_mb"] < streaming["peak_mb"]  # the dense model is never in memory
+
+
+def test_bench_training_quick_json(tmp_path: Path) -> None:
+    out = tmp_path / "training.json"
+    run_script("bench_training.py", "--quick", "--json", str(out), timeout=300)
+    (case,) = json.loads(out.read_text())["cases"]
+    saved = {v["variant"]: v["saved_mb"] for v in case["variants"]}
+    # recomputing the contraction saves only its input, as the dense layer does
+    assert saved["ndlinear recompute"] <= saved["dense"] < saved["ndlinear save"]
