@@ -124,6 +124,18 @@ def _needed_values(program: ContractionProgram, grad_regs: set[int]) -> set[int]
     return needed
 
 
+def _summed_matmul(x: Tensor, y: Tensor, shape: Shape) -> Tensor:
+    """``x @ y`` summed to ``shape``; the (possibly batch-sized) product dies here.
+
+    A matrix times a batch runs as ``bmm`` over the expanded matrix, as the forward
+    does: ``torch.matmul`` would fold it into one GEMM on a transposed copy of the
+    batch and return a transposed view (another copy once made contiguous).
+    """
+    if x.dim() == 2 and y.dim() == 3:
+        return torch.bmm(x.expand(y.shape[0], -1, -1), y).sum_to_size(shape)
+    return torch.matmul(x, y).sum_to_size(shape)
+
+
 def _accumulate(grads: dict[int, Tensor], reg: int, value: Tensor) -> None:
     grads[reg] = grads[reg] + value if reg in grads else value
 
@@ -155,8 +167,20 @@ def program_vjp(
     for ins in program.instructions:
         if ins.out in needed:
             regs[ins.out] = _execute(ins, regs)
+    # Drop each recomputed value after the last instruction whose gradient reads it
+    # (the first in program order), so backward holds as little as it can at once.
+    last_read: dict[int, int] = {}
+    for i, ins in enumerate(program.instructions):
+        if ins.op == "matmul":
+            for r in ins.srcs:
+                last_read.setdefault(r, i)
+    for r in [r for r in regs if r >= len(operands) and r not in last_read]:
+        del regs[r]  # only an input of other recomputed values (their views keep it)
     grads: dict[int, Tensor] = {program.result: grad_output}
-    for ins in reversed(program.instructions):
+    for i in reversed(range(len(program.instructions))):
+        ins = program.instructions[i]
+        for r in [r for r, at in last_read.items() if at == i + 1 and r >= len(operands)]:
+            regs.pop(r, None)
         g = grads.pop(ins.out, None)
         if g is None:
             continue
@@ -181,12 +205,10 @@ def program_vjp(
         else:
             a, b = ins.srcs
             if a in grad_regs:
-                ga = torch.matmul(g, regs[b].transpose(-1, -2))
-                _accumulate(grads, a, ga.sum_to_size(shapes[a]))
+                _accumulate(grads, a, _summed_matmul(g, regs[b].transpose(-1, -2), shapes[a]))
             if b in grad_regs:
-                lhs = regs[a].transpose(-1, -2)
-                gb = torch.matmul(lhs, g)
-                _accumulate(grads, b, gb.sum_to_size(shapes[b]))
+                _accumulate(grads, b, _summed_matmul(regs[a].transpose(-1, -2), g, shapes[b]))
+            del g
     return [grads.get(k) if wanted else None for k, wanted in enumerate(needs_grad)]
 
 
