@@ -45,7 +45,12 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
 
 from ndcompile.ir.network import TensorNetwork
 from ndcompile.planner.machine import machine_model
-from ndcompile.planner.plan import Candidate, _sequential_path, plan_ndlinear
+from ndcompile.planner.plan import (
+    Candidate,
+    is_dense_block,
+    plan_ndlinear,
+    reference_schedule,
+)
 
 __all__ = ["check_case", "main", "spearman"]
 
@@ -106,11 +111,7 @@ def check_case(case: Case, rank: int, rounds: int) -> dict[str, Any]:
     best = min(measured)
     n = len(case.in_shape)
     tn = TensorNetwork.from_ndlinear(case.in_shape, case.out_shape, rank)
-    ref_key = tuple(
-        tn.plan(
-            "auto", nominal_batch=case.batch, path=_sequential_path(tuple(range(n)))
-        ).program.instructions
-    )
+    reference = reference_schedule(tn, n, case.batch).program.instructions
 
     def over_best(pred: Any) -> float | None:
         hits = [m for c, m in zip(cands, measured, strict=True) if pred(c)]
@@ -126,9 +127,9 @@ def check_case(case: Case, rank: int, rounds: int) -> dict[str, Any]:
         "fastest": cands[measured.index(best)].label,
         "regret": measured[cands.index(choice.chosen)] / best,
         "reference_over_best": over_best(
-            lambda c: not c.chains and tuple(c.plan.program.instructions) == ref_key
+            lambda c: not c.chains and c.plan.program.instructions == reference
         ),
-        "dense_over_best": over_best(lambda c: c.grouping == (tuple(range(n)),) and not c.chains),
+        "dense_over_best": over_best(lambda c: is_dense_block(c, n)),
         "best_us": best,
         "estimates_us": [c.est_us for c in cands],
         "measured_us": measured,

@@ -18,8 +18,8 @@ after conversion, after layer-wise distillation alone
 ``ndcompile.distill(c, m, calibration)`` at its defaults (layer-wise, then whole
 model), then the same on ``(inputs, labels)`` batches with ``task_weight=1.0`` (a
 cross-entropy on the labels added to the distillation loss), and the relative error
-of the test logits against the dense model's. The
-params column counts weights and biases of the layers in scope.
+of the test logits against the dense model's. The params column counts weights and
+biases of the layers in scope.
 
 Run::
 
@@ -169,7 +169,6 @@ def budget_ranks(model: nn.Module, example: Tensor, budget: float) -> dict[str, 
     bias = {e.name: e.params_after - term[e.name] for e in layers}
     ranks = {e.name: 1 for e in layers}
     dense = sum(e.params_before for e in layers)
-
     total = sum(e.params_after for e in layers)
     if total > budget * dense:
         raise ValueError(f"rank 1 everywhere takes {total / dense:.1%} of the parameters")

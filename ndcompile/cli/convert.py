@@ -7,6 +7,7 @@ everything has been written and checked (see :class:`~ndcompile.cli.output.Stage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -89,10 +90,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, ExampleInputs, Any]
     dtype = parse_dtype(args.dtype)
     on_disk = getattr(args, "weights_on_disk", False)
     state = load_checkpoint(args.state_dict) if args.state_dict and not on_disk else None
-    if on_disk:
-        with empty_weights():
-            model = build_model(args.model)
-    else:
+    with empty_weights() if on_disk else contextlib.nullcontext():
         model = build_model(args.model)
     if state is not None:
         load_state_dict_strict(model, state)

@@ -167,20 +167,26 @@ def program_vjp(
     for ins in program.instructions:
         if ins.out in needed:
             regs[ins.out] = _execute(ins, regs)
-    # Drop each recomputed value after the last instruction whose gradient reads it
-    # (the first in program order), so backward holds as little as it can at once.
-    last_read: dict[int, int] = {}
+    # Backward reads recomputed values in matmul gradients only. Drop each one once
+    # the first matmul reading it (the last one backward reaches) is done, and drop
+    # those no matmul reads (inputs of other recomputed values, kept alive by their
+    # views) right away, so backward holds as little as it can at once.
+    first_read: dict[int, int] = {}
     for i, ins in enumerate(program.instructions):
         if ins.op == "matmul":
             for r in ins.srcs:
-                last_read.setdefault(r, i)
-    for r in [r for r in regs if r >= len(operands) and r not in last_read]:
-        del regs[r]  # only an input of other recomputed values (their views keep it)
+                first_read.setdefault(r, i)
+    drop_after: dict[int, list[int]] = {}
+    for r in [r for r in regs if r >= len(operands)]:
+        if r in first_read:
+            drop_after.setdefault(first_read[r], []).append(r)
+        else:
+            del regs[r]
     grads: dict[int, Tensor] = {program.result: grad_output}
     for i in reversed(range(len(program.instructions))):
+        for r in drop_after.get(i + 1, ()):
+            del regs[r]
         ins = program.instructions[i]
-        for r in [r for r, at in last_read.items() if at == i + 1 and r >= len(operands)]:
-            regs.pop(r, None)
         g = grads.pop(ins.out, None)
         if g is None:
             continue

@@ -19,6 +19,7 @@ from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.report import ConversionReport, LayerReport
 
 __all__ = [
+    "check_runs",
     "count_parameters",
     "exact_entries",
     "exact_tolerance",
@@ -229,3 +230,32 @@ def verify_outputs(
             f"{report.mode} conversion changed the model's output (relative error {err:.3e})",
             hint="this is a bug in an exact pass; please report it with the model",
         )
+
+
+def check_runs(model: nn.Module, example: ExampleInputs, report: ConversionReport) -> None:
+    """Run the converted ``model`` once on the example: it must give finite outputs.
+
+    For a model converted from weights on disk, whose original cannot run: nothing
+    is compared, and the report says so.
+
+    Raises:
+        NdCompileError: The converted model fails on the example or gives NaN/inf.
+    """
+    try:
+        with torch.no_grad(), unchanged_state(model):
+            out = example(model)
+    except Exception as exc:
+        raise NdCompileError(
+            f"the converted {type(model).__name__} fails on the example: "
+            f"{type(exc).__name__}: {exc}",
+            hint="check that the checkpoint belongs to this model",
+        ) from exc
+    if _nonfinite(out):
+        raise NdCompileError(
+            f"the converted {type(model).__name__} gives NaN or inf on the example",
+            hint="check the checkpoint (NaN or inf weights?)",
+        )
+    report.notes.append(
+        "not compared with the original (its weights are on disk, it cannot run on the "
+        "meta device); the converted model ran on the example with finite outputs"
+    )

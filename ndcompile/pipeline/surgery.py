@@ -35,6 +35,7 @@ from ndcompile.frontend.trace import is_reference_ndlinear
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.passes.fx.emit import set_submodule
 from ndcompile.pipeline.checks import (
+    check_runs,
     count_parameters,
     layer_entry,
     reference_outputs,
@@ -44,10 +45,10 @@ from ndcompile.pipeline.checks import (
 from ndcompile.pipeline.modes import FitData, Mode, apply_skip_rules, get_mode
 from ndcompile.pipeline.options import ConvertOptions
 from ndcompile.pipeline.weights import (
-    check_runs,
     fill_from_checkpoint,
     materialized_site,
     open_weights,
+    tensor_names,
 )
 from ndcompile.progress import progress
 from ndcompile.report import ConversionReport, LayerReport
@@ -268,13 +269,14 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
         sites, entries, data = _plan_sites(model, mode, example, report, opts, ckpt is None)
         chosen = [site for site in sites if site.convertible]
         work = _copy_without(model, [site.name for site in chosen])
+        aliases = tensor_names(model) if ckpt is not None else {}
         rank, world = _world(opts)
         for i, site in enumerate(
             progress(chosen, desc=f"{opts.mode} layers", enabled=opts.progress)
         ):
             layer = None
             if i % world == rank:
-                fit = site if ckpt is None else materialized_site(site, model, ckpt)
+                fit = site if ckpt is None else materialized_site(site, model, ckpt, aliases)
                 layer = mode.make_layer(fit, entries[site.name], opts, data)
                 if isinstance(layer, NdLinear):
                     layer.flat = True
@@ -287,13 +289,12 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
                 f"layer fits shared over {world} torch.distributed processes (rank i fitted "
                 f"layers i, i+{world}, ...; every process holds the whole result)"
             )
+        loaded = fill_from_checkpoint(work, ckpt) if ckpt is not None else 0
     else:
         work = _copy_without(model, [])
-        if ckpt is not None:
-            fill_from_checkpoint(work, ckpt)
+        loaded = fill_from_checkpoint(work, ckpt) if ckpt is not None else 0
         _exact(work, example, report, opts)
     if ckpt is not None:
-        loaded = fill_from_checkpoint(work, ckpt)
         report.notes.append(
             f"weights read from {ckpt.path.name}: each replaced layer's weights when its fit "
             f"ran, then {loaded} tensors of the layers kept"

@@ -28,18 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from ndcompile.errors import NdCompileError
-from ndcompile.frontend.inputs import ExampleInputs, tensor_leaves
 from ndcompile.frontend.sites import LinearSite
-from ndcompile.report import ConversionReport
+from ndcompile.pipeline.options import ConvertOptions
 
 __all__ = [
     "Checkpoint",
-    "check_runs",
     "empty_weights",
     "fill_from_checkpoint",
     "materialized_site",
     "on_meta",
     "open_weights",
+    "tensor_names",
 ]
 
 SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -194,7 +193,7 @@ class SafetensorsFile:
         return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
 
 
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
+def tensor_names(model: nn.Module) -> dict[int, list[str]]:
     """``id(tensor)`` -> every state_dict name of it (tied parameters have several)."""
     names: dict[int, list[str]] = {}
     for name, t in [
@@ -205,13 +204,15 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def materialized_site(site: LinearSite, model: nn.Module, ckpt: Checkpoint) -> LinearSite:
+def materialized_site(
+    site: LinearSite, model: nn.Module, ckpt: Checkpoint, aliases: dict[int, list[str]]
+) -> LinearSite:
     """``site`` with a real ``nn.Linear`` holding the layer's weights from ``ckpt``.
 
+    ``aliases`` is :func:`tensor_names` of ``model`` (computed once per conversion).
     A transformers ``Conv1D`` stores its weight as ``(in, out)``; the Linear gets
     the transpose, as :func:`~ndcompile.frontend.module_sites.conv1d_as_linear` does.
     """
-    aliases = _aliases(model)
     owner = model.get_submodule(site.name)
     weight, bias = owner.weight, getattr(owner, "bias", None)
     assert isinstance(weight, Tensor)
@@ -238,7 +239,7 @@ def fill_from_checkpoint(model: nn.Module, ckpt: Checkpoint) -> int:
     Raises:
         NdCompileError: A tensor is not in the checkpoint or has another shape.
     """
-    aliases = _aliases(model)
+    aliases = tensor_names(model)
     loaded: dict[int, Tensor] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for store in (module._parameters, module._buffers):
@@ -255,7 +256,7 @@ def fill_from_checkpoint(model: nn.Module, ckpt: Checkpoint) -> int:
     return len(loaded)
 
 
-def open_weights(model: nn.Module, opts: Any) -> Checkpoint | None:
+def open_weights(model: nn.Module, opts: ConvertOptions) -> Checkpoint | None:
     """The checkpoint ``opts.weights`` names, checked against where ``model``'s weights are.
 
     Raises:
@@ -282,38 +283,3 @@ def open_weights(model: nn.Module, opts: Any) -> Checkpoint | None:
             hint="drop weights=, or build the model under ndcompile.empty_weights()",
         )
     return Checkpoint(opts.weights)
-
-
-def check_runs(model: nn.Module, example: ExampleInputs, report: ConversionReport) -> None:
-    """Run the converted model once on the example: it must give finite outputs.
-
-    The original cannot run (its weights are on disk), so nothing is compared; the
-    report says so.
-
-    Raises:
-        NdCompileError: The converted model fails on the example or gives NaN/inf.
-    """
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = example(model)
-    except Exception as exc:
-        raise NdCompileError(
-            f"the converted {type(model).__name__} fails on the example: "
-            f"{type(exc).__name__}: {exc}",
-            hint="check that the checkpoint belongs to this model",
-        ) from exc
-    finally:
-        for m, flag in training.items():
-            m.train(flag)
-    bad = [i for i, t in enumerate(tensor_leaves(out)) if not torch.isfinite(t).all()]
-    if bad:
-        raise NdCompileError(
-            f"the converted {type(model).__name__} gives non-finite outputs (tensors {bad})",
-            hint="check the checkpoint (NaN or inf weights?)",
-        )
-    report.notes.append(
-        "not compared with the original (its weights are on disk, it cannot run on the "
-        "meta device); the converted model ran on the example with finite outputs"
-    )

@@ -38,7 +38,15 @@ from ndcompile.ir.terms import sum_of_terms
 from ndcompile.planner.cache import autotune_cache
 from ndcompile.planner.machine import MachineModel, machine_model
 
-__all__ = ["Candidate", "PlanChoice", "estimate_us", "groupings", "plan_ndlinear"]
+__all__ = [
+    "Candidate",
+    "PlanChoice",
+    "estimate_us",
+    "groupings",
+    "is_dense_block",
+    "plan_ndlinear",
+    "reference_schedule",
+]
 
 #: Kronecker blocks larger than this (elements) are not materialised.
 MAX_BLOCK_ELEMENTS = 1 << 21
@@ -234,6 +242,18 @@ def _time_candidate(cand: Candidate, operands: list[torch.Tensor], reps: int) ->
     return statistics.median(times) * 1e6
 
 
+def reference_schedule(
+    tn: TensorNetwork, n_modes: int, batch: int, optimizer: str = "auto"
+) -> NetworkPlan:
+    """The reference NdLinear's own schedule: modes applied one at a time, first to last."""
+    return tn.plan(optimizer, nominal_batch=batch, path=_sequential_path(tuple(range(n_modes))))
+
+
+def is_dense_block(cand: Candidate, n_modes: int) -> bool:
+    """Whether ``cand`` is the dense layer: every mode in one Kronecker block, one GEMM."""
+    return not cand.chains and cand.grouping == (tuple(range(n_modes)),)
+
+
 def _chain_candidates(
     tn: TensorNetwork,
     in_shape: tuple[int, ...],
@@ -351,15 +371,13 @@ def plan_ndlinear(
     for d, h in zip(in_shape, out_shape, strict=True):
         shape = (h, d) if rank == 1 else (rank, h, d)
         operands.append(torch.randn(*shape, generator=gen, dtype=dtype).to(device))
-    reference = tn.plan(optimizer, nominal_batch=batch, path=_sequential_path(tuple(range(n))))
-    baseline = {tuple(reference.program.instructions)}
-    baseline |= {
-        tuple(c.plan.program.instructions) for c in cands if c.grouping == (tuple(range(n)),)
-    }
+    reference = reference_schedule(tn, n, batch, optimizer).program.instructions
     chosen = [
         c
         for k, c in enumerate(cands)
-        if k < top_k or (not c.chains and tuple(c.plan.program.instructions) in baseline)
+        if k < top_k
+        or is_dense_block(c, n)
+        or (not c.chains and c.plan.program.instructions == reference)
     ]
     timed = [dataclasses.replace(c, measured_us=_time_candidate(c, operands, reps)) for c in chosen]
     cands = timed + [c for c in cands if not any(c is t for t in chosen)]
