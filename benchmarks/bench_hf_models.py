@@ -25,7 +25,8 @@ of ``output.square().mean()`` with fresh gradients every step, no optimizer -- e
 and under ``torch.compile`` (inductor, default mode, ``dynamic=False``); peak memory
 of one forward and one training step (growth of the peak RSS on CPU, each phase
 after a warm-up call and with the heap trimmed first, as ``bench_models.py`` does;
-``max_memory_allocated`` on CUDA); the relative output error against dense
+``max_memory_allocated`` on CUDA) and the peak of live tensors (``live train MB``:
+what the tensors need, whatever the allocator keeps); the relative output error against dense
 (``factorize`` only: ``fresh`` layers are new random weights); and speedups vs dense.
 The variants of a model are timed together, interleaved phase by phase
 (``common.time_interleaved``), so load from other processes hits them alike. A
@@ -502,6 +503,7 @@ def _row(model: str, variant: str, side: Mapping[str, Any], ratios: Mapping[str,
         _ratio_cell(ratios, "fwd"),
         _ratio_cell(ratios, "train"),
         f"{side['peak_train_mb']:.1f}",
+        f"{side['live_train_mb']:.1f}",
         "-" if err is None else f"{err:.2e}",
     ]
 
@@ -520,7 +522,8 @@ HEADER = (
     "train ms inductor",
     "fwd speedup eager / inductor",
     "train speedup eager / inductor",
-    "peak train MB",
+    "peak train MB (RSS)",
+    "live train MB",
     "out err vs dense",
 )
 

@@ -12,7 +12,9 @@ For the original and the converted model it reports parameters, FLOPs (the
 conversion report's Linear FLOPs and a whole-model count from
 ``torch.utils.flop_counter``), forward and training-step latency eager and under
 ``torch.compile`` (inductor), and peak memory of one forward / one training step
-(``torch.cuda.max_memory_allocated`` on GPU, growth of the peak RSS on CPU).
+(``torch.cuda.max_memory_allocated`` on GPU, growth of the peak RSS on CPU), and
+the peak of live tensors (:func:`ndcompile.layers.memory.peak_live_bytes`), which
+does not depend on the allocator.
 
 Usage::
 
@@ -55,6 +57,7 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     )
 
 import ndcompile
+from ndcompile.layers.memory import peak_live_bytes
 
 __all__ = ["MODELS", "EncoderBlock", "ImageMLP", "TinyEncoder", "bench_model", "main"]
 
@@ -175,6 +178,15 @@ def static_measures(model: nn.Module, x: Tensor, device: torch.device) -> dict[s
     for p in model.parameters():
         p.grad = None  # gradients are part of the step's peak
     out["peak_train_mb"], _ = peak_memory_mb(train_step, device)
+    # The peak of live tensors (allocator-independent; on CPU the RSS also counts
+    # freed pages the allocator keeps): forward, and the training step with its grads.
+    existing = [*model.parameters(), *model.buffers(), x]
+    out["live_fwd_mb"] = peak_live_bytes(forward, existing).peak_bytes / 2**20
+    for p in model.parameters():
+        p.grad = None
+    out["live_train_mb"] = peak_live_bytes(train_step, existing).peak_bytes / 2**20
+    for p in model.parameters():
+        p.grad = None
     return out
 
 
@@ -298,11 +310,17 @@ def model_table(record: dict[str, Any]) -> str:
             )
         )
     method = orig["memory_method"]
-    for key, label in (("peak_fwd_mb", "peak memory, forward"), ("peak_train_mb", "peak, train")):
+    memory = (
+        ("peak_fwd_mb", f"peak memory, forward MB ({method})"),
+        ("peak_train_mb", f"peak, train MB ({method})"),
+        ("live_fwd_mb", "live tensors, forward MB"),
+        ("live_train_mb", "live tensors, train MB"),
+    )
+    for key, label in memory:
         a, b = orig[key], conv[key]
         rows.append(
             (
-                f"{label} MB ({method})",
+                label,
                 f"{a:.1f}",
                 f"{b:.1f}",
                 f"{a / b:.2f}x" if b > 0 else "-",

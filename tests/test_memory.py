@@ -154,3 +154,21 @@ def test_export_in_training_mode() -> None:
     torch.testing.assert_close(exported.module()(x), model(x))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
     assert "aten.bmm.default" in targets or "aten.matmul.default" in targets
+
+
+def test_peak_live_bytes_counts_live_tensors_only():
+    from ndcompile.layers.memory import peak_live_bytes
+
+    x = torch.randn(256, 256)
+
+    def work():
+        a = x * 2  # 256 KiB
+        b = a + 1  # 512 KiB live
+        del a
+        c = b * 3  # a was freed: 512 KiB again
+        return c.sum()  # b, c and the scalar
+
+    stats = peak_live_bytes(work, [x])
+    assert stats.peak_bytes == 2 * 256 * 256 * 4 + 4
+    assert stats.end_bytes == 4  # only the scalar result is alive
+    assert stats.peak_op.startswith("aten.sum")

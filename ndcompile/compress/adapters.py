@@ -261,6 +261,9 @@ class NdAdapterLinear(nn.Module):
             adapter.in_shape,
             adapter.out_shape,
             flat_input=True,
+            recompute=adapter.recompute,
+            tile=adapter.tile,
+            text=adapter.program_text,
         )
         return F.linear(x, self.weight, self.bias) + self.alpha * delta
 

@@ -14,6 +14,7 @@ left multiply ``W @ x.view(B, d, rest)``, and a trailing mode as a right multipl
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,36 @@ class ContractionProgram:
             else:  # pragma: no cover - instructions are built by this module only
                 raise AssertionError(ins.op)
         return regs[self.result]
+
+    def to_text(self) -> str:
+        """The program as JSON text (what :meth:`from_text` reads back)."""
+        code = [[i.op, list(i.srcs), i.out, list(i.arg), list(i.dims)] for i in self.instructions]
+        return json.dumps(
+            {
+                "n_inputs": self.n_inputs,
+                "result": self.result,
+                "output": list(self.output),
+                "permuted_elements": self.permuted_elements,
+                "code": code,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_text(cls, text: str) -> ContractionProgram:
+        """Parse :meth:`to_text`'s output."""
+        data = json.loads(text)
+        code = [
+            Instruction(op, tuple(srcs), out, tuple(arg), tuple(dims))
+            for op, srcs, out, arg, dims in data["code"]
+        ]
+        return cls(
+            n_inputs=data["n_inputs"],
+            instructions=code,
+            result=data["result"],
+            output=tuple(data["output"]),
+            permuted_elements=data["permuted_elements"],
+        )
 
     def count(self, op: str) -> int:
         """Number of instructions of kind ``op``."""

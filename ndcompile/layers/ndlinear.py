@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.autodiff import run_recomputed
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
+from ndcompile.ir.tiled import choose_tile, row_elements, run_tiled, should_tile
 from ndcompile.planner.plan import PlanChoice, plan_ndlinear
 
 __all__ = ["NdLinear", "apply_ndlinear", "mode_bias"]
@@ -83,6 +84,8 @@ def apply_ndlinear(
     lead: Any = None,
     lowrank: tuple[Any, Any] | None = None,
     recompute: bool = False,
+    tile: int = 0,
+    text: str = "",
 ) -> Any:
     """The NdLinear computation on tensors or FX proxies.
 
@@ -100,15 +103,33 @@ def apply_ndlinear(
             default ``x``'s own.
         lowrank: ``(U, V)`` of a low-rank residual ``U @ V`` added to the weight.
         recompute: Save only the contraction's inputs for backward and recompute
-            its intermediates there (:mod:`ndcompile.ir.autodiff`); tensors only.
+            its intermediates there (:mod:`ndcompile.ir.autodiff`); ignored for FX
+            proxies.
+        tile: Batch rows per tile of a tiled contraction (:mod:`ndcompile.ir.tiled`),
+            used on CPU tensors with more than two tiles of rows; 0 never tiles.
+            Tiled runs recompute in backward, so with ``recompute=False`` they are
+            used only where no gradient is taken.
+        text: ``plan.program.to_text()`` (needed when ``tile`` is set).
 
     Returns:
         ``(*, prod h)`` if ``flat_input`` else ``(*, h1..hN)``; leading dims as ``x``'s.
     """
     if lead is None:
         lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
-    operands = (x.reshape((-1, *in_shape)), *factors)
-    y = run_recomputed(plan.program, *operands) if recompute else plan.program.run(*operands)
+    rows = x.reshape((-1, *in_shape))
+    tiled = bool(text) and should_tile(rows, rows.shape[0], tile)
+    if tiled and not recompute and torch.is_grad_enabled():
+        tiled = not any(t.requires_grad for t in (rows, *factors))
+    if tiled and lowrank is None:
+        b = None if bias is None else bias.reshape(out_shape)
+        y = run_tiled(text, tile, rows, factors, b)
+        return y.reshape(lead + ((math.prod(out_shape),) if flat_input else out_shape))
+    if tiled:
+        y = run_tiled(text, tile, rows, factors)
+    elif recompute and isinstance(rows, Tensor):
+        y = run_recomputed(plan.program, rows, *factors)
+    else:
+        y = plan.program.run(rows, *factors)
     if lowrank is not None:
         u, v = lowrank
         flat = x.reshape((-1, math.prod(in_shape)))
@@ -146,6 +167,10 @@ class NdLinear(nn.Module):
             recompute the contraction's intermediates there, so the layer keeps no
             more activation memory than the dense layer (one extra pass of the
             cheap leading steps per backward). False saves every intermediate.
+        tile: Batch rows per tile when the layer runs on the CPU tile by tile
+            (:mod:`ndcompile.ir.tiled`): ``"auto"`` (default) sizes tiles to the L2
+            caches, an int fixes it, 0 never tiles. Batches of at most two tiles run
+            whole.
         device: Parameter device.
         dtype: Parameter dtype.
 
@@ -173,12 +198,16 @@ class NdLinear(nn.Module):
         autotune: bool = False,
         flat: bool = False,
         recompute: bool = True,
+        tile: int | str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.flat = bool(flat)
         self.recompute = bool(recompute)
+        if not (tile == "auto" or (isinstance(tile, int) and tile >= 0)):
+            raise NdCompileError(f"NdLinear tile must be 'auto' or an int >= 0, got {tile!r}")
+        self.tile_setting: int | str = tile
         in_shape, out_shape = tuple(int(d) for d in in_shape), tuple(int(h) for h in out_shape)
         if len(in_shape) != len(out_shape) or not in_shape or min(in_shape + out_shape) < 1:
             raise NdCompileError(
@@ -207,7 +236,7 @@ class NdLinear(nn.Module):
         self.planner = planner
         self.autotune = bool(autotune)
         self._choice: PlanChoice | None = None
-        self._plan = self._make_plan(dtype)
+        self._set_plan(self._make_plan(dtype), dtype)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(
             [
@@ -293,6 +322,11 @@ class NdLinear(nn.Module):
         """The contraction plan the forward pass executes (made once, at construction)."""
         return self._plan
 
+    @property
+    def program_text(self) -> str:
+        """The planned program as text (what the tiled contraction op receives)."""
+        return self._text
+
     def plan_choice(self) -> PlanChoice | None:
         """The planner's decision with every candidate's estimate (``planner="cost"``)."""
         return self._choice
@@ -309,7 +343,19 @@ class NdLinear(nn.Module):
         self.plan_batch = int(plan_batch or self.plan_batch)
         if autotune is not None:
             self.autotune = autotune
-        self._plan = self._make_plan(self.factors[0].dtype)
+        dtype = self.factors[0].dtype
+        self._set_plan(self._make_plan(dtype), dtype)
+
+    def _set_plan(self, plan: NetworkPlan, dtype: torch.dtype | None) -> None:
+        self._plan = plan
+        self._text = plan.program.to_text()
+        if self.tile_setting != "auto":
+            self.tile = int(self.tile_setting)
+            return
+        modes = zip(self.in_shape, self.out_shape, strict=True)
+        shapes = [(self.rank, h, d) if self.rank > 1 else (h, d) for d, h in modes]
+        itemsize = (dtype or torch.get_default_dtype()).itemsize
+        self.tile = choose_tile(row_elements(plan.program, self.in_shape, shapes), itemsize)
 
     # ---------------------------------------------------------------- compute
     def factor_operands(self) -> list[Tensor]:
@@ -354,6 +400,8 @@ class NdLinear(nn.Module):
             flat_input=self.flat,
             lowrank=self.lowrank_operands(),
             recompute=self.recompute,
+            tile=self.tile,
+            text=self.program_text,
         )
 
     # ------------------------------------------------------------ conversions

@@ -1,0 +1,166 @@
+"""Batch-tiled contraction: same numbers as the whole-batch program, less memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ndcompile.errors import NdCompileError
+from ndcompile.ir.program import ContractionProgram
+from ndcompile.ir.tiled import MIN_TILE, choose_tile, row_elements, should_tile, tiled_contract
+from ndcompile.layers.memory import peak_live_bytes
+from ndcompile.layers.ndlinear import NdLinear
+
+CASES = [((6, 8), (12, 10), 1), ((6, 8), (12, 10), 3), ((4, 5, 3), (3, 6, 2), 2)]
+
+
+def _pair(in_shape, out_shape, rank, tile, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    tiled = NdLinear(in_shape, out_shape, rank=rank, tile=tile, dtype=dtype, **kw)
+    whole = NdLinear(in_shape, out_shape, rank=rank, tile=0, dtype=dtype, **kw)
+    whole.load_state_dict(tiled.state_dict())
+    with torch.no_grad():
+        if tiled.bias is not None:
+            tiled.bias.normal_()
+            whole.bias.copy_(tiled.bias)
+    return tiled, whole
+
+
+@pytest.mark.parametrize(("in_shape", "out_shape", "rank"), CASES)
+def test_program_text_round_trip(in_shape, out_shape, rank):
+    layer = NdLinear(in_shape, out_shape, rank=rank)
+    program = layer.plan().program
+    back = ContractionProgram.from_text(program.to_text())
+    assert back == program
+    x = torch.randn(5, *in_shape)
+    operands = layer.factor_operands()
+    torch.testing.assert_close(back.run(x, *operands), program.run(x, *operands))
+
+
+@pytest.mark.parametrize(("in_shape", "out_shape", "rank"), CASES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiled_matches_whole_batch_forward_and_backward(in_shape, out_shape, rank, bias, dtype):
+    tiled, whole = _pair(in_shape, out_shape, rank, tile=16, dtype=dtype, bias=bias)
+    x = torch.randn(83, *in_shape, dtype=dtype)  # not a multiple of the tile
+    xt, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yt, yw = tiled(xt), whole(xw)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(yt, yw, **tol)
+    g = torch.randn_like(yt)
+    yt.backward(g)
+    yw.backward(g)
+    torch.testing.assert_close(xt.grad, xw.grad, **tol)
+    for (name, pt), pw in zip(tiled.named_parameters(), whole.parameters(), strict=True):
+        assert pt.grad is not None, name
+        torch.testing.assert_close(pt.grad, pw.grad, **tol)
+
+
+def test_tiled_path_is_taken_and_flat_layers_tile_too():
+    tiled, whole = _pair((6, 8), (12, 10), 2, tile=16, flat=True)
+    x = torch.randn(4, 20, 48, dtype=torch.float64)  # 80 rows in two leading dims
+    calls = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        y = tiled(x)
+    assert "ndcompile::tiled_contract" in calls
+    torch.testing.assert_close(y, whole(x))
+    assert y.shape == (4, 20, 120)
+
+
+def test_frozen_factors_or_input_get_no_gradient():
+    tiled, _ = _pair((6, 8), (12, 10), 2, tile=16)
+    for p in tiled.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(64, 6, 8, dtype=torch.float64, requires_grad=True)
+    tiled(x).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in tiled.parameters())
+    tiled.requires_grad_(True)
+    x = torch.randn(64, 6, 8, dtype=torch.float64)
+    tiled(x).sum().backward()
+    assert all(p.grad is not None for p in tiled.parameters())
+
+
+def test_opcheck_of_the_custom_op():
+    layer = NdLinear((6, 8), (12, 10), rank=2, tile=16, dtype=torch.float64)
+    x = torch.randn(50, 6, 8, dtype=torch.float64, requires_grad=True)
+    bias = layer.full_bias().reshape(12, 10)
+    args = (x, layer.factor_operands(), bias, layer.plan().program.to_text(), 16)
+    torch.library.opcheck(tiled_contract, args)
+
+
+def test_compile_keeps_the_op_and_export_gets_plain_ops():
+    tiled, whole = _pair((6, 8), (12, 10), 2, tile=16, dtype=torch.float32)
+    x = torch.randn(64, 6, 8, requires_grad=True)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    compiled = torch.compile(tiled, backend=backend, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert any("tiled_contract" in t for t in seen)
+    torch.testing.assert_close(y, whole(x))
+    ep = torch.export.export(tiled, (x.detach(),))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert not any("ndcompile" in t for t in targets)
+    torch.testing.assert_close(ep.module()(x.detach()), whole(x))
+
+
+def test_should_tile_rules():
+    x = torch.randn(100, 3)
+    assert should_tile(x, 100, 16)
+    assert not should_tile(x, 32, 16)  # at most two tiles: run whole
+    assert not should_tile(x, 100, 0)
+    assert not should_tile(x.to("meta"), 100, 16)
+
+
+def test_choose_tile_fits_the_budget():
+    layer = NdLinear((24, 32), (48, 64))
+    per_row = row_elements(layer.plan().program, (24, 32), [(48, 24), (64, 32)])
+    # The largest step holds the (24, 64) intermediate and the (48, 64) output.
+    assert per_row == 24 * 64 + 48 * 64
+    tile = choose_tile(per_row, 4, budget=1 << 20)
+    assert tile % 8 == 0 and tile * per_row * 4 <= 1 << 20 < (tile + 8) * per_row * 4
+    assert choose_tile(10**9, 4) == MIN_TILE
+    assert layer.tile == choose_tile(per_row, 4)
+
+
+def test_tiled_training_holds_less_than_the_whole_batch_and_the_dense_layer():
+    tiled, whole = _pair((24, 32), (48, 64), 4, tile="auto", dtype=torch.float32)
+    x = torch.randn(1024, 24, 32, requires_grad=True)
+    g = torch.randn(1024, 48, 64)
+
+    def step(layer):
+        return peak_live_bytes(lambda: layer(x).backward(g), [*layer.parameters(), x, g])
+
+    dense = torch.nn.Linear(768, 3072)
+    xf, gf = x.detach().reshape(1024, 768).requires_grad_(), g.reshape(1024, 3072)
+    dense_peak = peak_live_bytes(lambda: dense(xf).backward(gf), [*dense.parameters(), xf, gf])
+    tiled_peak, whole_peak = step(tiled), step(whole)
+    assert tiled_peak.peak_bytes < whole_peak.peak_bytes / 2
+    assert tiled_peak.peak_bytes <= dense_peak.peak_bytes
+
+
+def test_bad_tile_is_a_clear_error():
+    with pytest.raises(NdCompileError, match="tile"):
+        NdLinear((4, 4), (4, 4), tile=-1)
+
+
+def test_autocast_runs_the_plain_ops():
+    tiled, whole = _pair((6, 8), (12, 10), 2, tile=16, dtype=torch.float32)
+    x = torch.randn(64, 6, 8)
+    assert should_tile(x, 64, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not should_tile(x, 64, 16)
+        y, ref = tiled(x), whole(x)
+    assert y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref)
