@@ -9,6 +9,8 @@ For every case, in one process and from the same weights, times the forward pass
 * ``ref_inductor``   ``torch.compile(reference, backend="inductor")``;
 * ``nd_eager``       ``ndcompile.layers.ndlinear.NdLinear.from_reference(reference)``;
 * ``nd_inductor``    ``torch.compile(nd_eager, backend="inductor")``;
+* ``nd_untiled``     ``nd_eager`` with ``tile=0``: the whole batch through each step
+                     (what ``nd_eager`` runs where its batch is at most two tiles);
 * ``ref_ndcompile``  ``torch.compile(reference, backend="ndcompile")`` when that
                      backend is registered and works;
 * ``tltorch``        tensorly-torch's CP-factorized linear layer when installed, at
@@ -31,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import math
 from collections.abc import Callable, Sequence
@@ -85,6 +88,7 @@ VARIANTS: tuple[str, ...] = (
     "ref_inductor",
     "nd_eager",
     "nd_inductor",
+    "nd_untiled",
     "ref_ndcompile",
     "tltorch",
 )
@@ -219,6 +223,9 @@ def build_variants(
         skipped["dense"] = f"{dense_params:.2e} weights > --max-dense-params"
     mods["ref_eager"] = ref
     mods["nd_eager"] = nd
+    whole = copy.deepcopy(nd)
+    whole.tile = 0
+    mods["nd_untiled"] = whole
     builders: dict[str, Callable[[], nn.Module]] = {
         "ref_inductor": lambda: _compiled(ref, "inductor"),
         "nd_inductor": lambda: _compiled(nd, "inductor"),
@@ -323,6 +330,7 @@ def bench_case(
         "naive_flops": int(nd.plan().naive_flops),
         "dense_flops": dense_flops,
         "plan_ops": {op: nd.plan().program.count(op) for op in ("matmul", "permute", "reshape")},
+        "tile": nd.tile if case.batch > 2 * nd.tile else 0,
         "variants": {},
     }
     with torch.no_grad():

@@ -1,18 +1,20 @@
 """Training cost of NdLinear vs the dense layer: saved activations, peak memory, fwd and fwd+bwd.
 
 For each layer case the same input is run through the dense ``nn.Linear`` and
-through ``NdLinear`` in three settings: ``recompute`` (the default: only the input
-and the factors are saved, intermediates are recomputed in backward), ``save``
-(``recompute=False``: autograd keeps every intermediate, the behaviour before
-recomputation) and, for rank > 1, ``chains`` (the rank-R sum forced to R separate
-rank-1 chains instead of the stacked-factor plan). A BERT-base-like encoder
-(transformers ``BertConfig``: hidden 768, intermediate 3072, seq 128) is compared
-dense vs converted the same way.
+through ``NdLinear`` in four settings: ``recompute`` (the default: only the input
+and the factors are saved, intermediates are recomputed in backward, and batches of
+more than two tiles run tile by tile), ``untiled`` (``tile=0``: the whole batch
+through each step), ``save`` (``recompute=False``: autograd keeps every
+intermediate, the behaviour before recomputation) and, for rank > 1, ``chains``
+(the rank-R sum forced to R separate rank-1 chains instead of the stacked-factor
+plan). A BERT-base-like encoder (transformers ``BertConfig``: hidden 768,
+intermediate 3072, seq 128) is compared dense vs converted the same way.
 
 Columns: ``saved MB`` (bytes autograd saves for backward, parameters excluded,
 ``ndcompile.layers.memory``), ``peak MB`` (growth of the process's peak memory
-during one fwd+bwd, see ``common.peak_memory_mb``), ``fwd ms`` and ``fwd+bwd ms``
-(medians of interleaved rounds). Run::
+during one fwd+bwd, see ``common.peak_memory_mb``), ``live MB`` (the peak of live
+tensors during one fwd+bwd, gradients included, ``ndcompile.layers.memory``),
+``fwd ms`` and ``fwd+bwd ms`` (medians of interleaved rounds). Run::
 
     python benchmarks/bench_training.py --threads 2 --json benchmarks/results/cpu_training.json
 """
@@ -41,7 +43,7 @@ from common import (
     write_json,
 )
 
-from ndcompile.layers.memory import saved_activation_bytes
+from ndcompile.layers.memory import peak_live_bytes, saved_activation_bytes
 from ndcompile.layers.ndlinear import NdLinear
 
 __all__ = ["LAYER_CASES", "bench_bert", "bench_layer", "main"]
@@ -95,6 +97,8 @@ def _measure(
         saved = saved_activation_bytes(lambda m=model, v=xg: m(v), model.parameters())
         del saved.output
         peak, method = peak_memory_mb(train(model), device)
+        existing = [*model.parameters(), *model.buffers(), x]
+        live = peak_live_bytes(train(model), existing).peak_bytes / 2**20
         rows.append(
             {
                 "variant": name,
@@ -102,6 +106,7 @@ def _measure(
                 "saved_mb": saved.activation_bytes / 2**20,
                 "peak_mb": peak,
                 "peak_method": method,
+                "live_mb": live,
             }
         )
         fns[f"{name} fwd"] = fwd(model)
@@ -119,9 +124,12 @@ def bench_layer(name: str, device: torch.device, budget: float) -> dict[str, Any
     nd = NdLinear(in_shape, out_shape, rank, flat=True, plan_batch=rows, device=device)
     save = copy.deepcopy(nd)
     save.recompute = False
+    untiled = copy.deepcopy(nd)
+    untiled.tile = 0
     models: dict[str, nn.Module] = {
         "dense": nn.Linear(nd.in_features, nd.out_features, device=device),
         "ndlinear recompute": nd,
+        "ndlinear untiled": untiled,
         "ndlinear save": save,
     }
     chains = _chains(nd) if rank > 1 else None
@@ -207,13 +215,14 @@ def bench_bert(device: torch.device, budget: float, layers: int, rank: int) -> d
 
 
 def table(record: dict[str, Any]) -> str:
-    header = ["variant", "params", "saved MB", "peak MB", "fwd ms", "fwd+bwd ms"]
+    header = ["variant", "params", "saved MB", "peak MB", "live MB", "fwd ms", "fwd+bwd ms"]
     rows = [
         [
             v["variant"],
             f"{v['params']:,}",
             f"{v['saved_mb']:.2f}",
             f"{v['peak_mb']:.1f}",
+            f"{v['live_mb']:.1f}",
             f"{v['fwd_ms']:.2f}",
             f"{v['fwd_bwd_ms']:.2f}",
         ]

@@ -164,3 +164,33 @@ def test_autocast_runs_the_plain_ops():
         y, ref = tiled(x), whole(x)
     assert y.dtype == ref.dtype
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize(("in_shape", "out_shape", "rank"), CASES)
+def test_flop_counter_sees_through_the_tiled_op(in_shape, out_shape, rank):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tiled, whole = _pair(in_shape, out_shape, rank, tile=16, dtype=torch.float32)
+    x = torch.randn(64, *in_shape, requires_grad=True)
+    counts = []
+    for layer in (tiled, whole):
+        with FlopCounterMode(display=False) as fwd:
+            y = layer(x)
+        with FlopCounterMode(display=False) as bwd:
+            y.sum().backward()
+        counts.append((fwd.get_total_flops(), bwd.get_total_flops()))
+    assert counts[0] == counts[1] and counts[0][0] > 0
+
+
+def test_layer_pickled_before_tiling_still_runs():
+    import pickle
+
+    layer = NdLinear((6, 8), (12, 10), rank=2)
+    state = layer.__dict__.copy()
+    for key in ("_text", "tile", "tile_setting"):
+        state.pop(key)
+    old = NdLinear.__new__(NdLinear)
+    old.__setstate__(state)
+    x = torch.randn(100, 6, 8)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(old))(x), layer(x))
+    assert old.tile == layer.tile

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from ndcompile.ir.autodiff import program_vjp, register_shapes
 from ndcompile.ir.program import ContractionProgram
@@ -36,6 +37,7 @@ __all__ = [
     "PYTHON_IMPLS",
     "TILE_BUDGET_BYTES",
     "choose_tile",
+    "program_flops",
     "row_elements",
     "run_tiled",
     "should_tile",
@@ -280,6 +282,42 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
 
 
 tiled_contract.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _matmul_flops(program: ContractionProgram, shapes: Sequence[Sequence[int]]) -> list[int]:
+    regs = register_shapes(program, [tuple(s) for s in shapes])
+    return [
+        2 * math.prod(regs[ins.out]) * regs[ins.srcs[0]][-1]
+        for ins in program.instructions
+        if ins.op == "matmul"
+    ]
+
+
+def program_flops(program: ContractionProgram, shapes: Sequence[Sequence[int]]) -> int:
+    """FLOPs of the program's matmuls for operands of ``shapes`` (2 per multiply-add).
+
+    Args:
+        program: The program.
+        shapes: One shape per operand.
+
+    Returns:
+        ``2 * batch * m * k * n`` summed over the matmuls.
+    """
+    return sum(_matmul_flops(program, shapes))
+
+
+@register_flop_formula(torch.ops.ndcompile.tiled_contract)
+def _tiled_contract_flops(x_shape, factor_shapes, bias_shape, program, tile, out_shape=None):  # type: ignore[no-untyped-def]
+    return program_flops(_program(program), [x_shape, *factor_shapes])
+
+
+@register_flop_formula(torch.ops.ndcompile.tiled_contract_backward)
+def _tiled_contract_backward_flops(  # type: ignore[no-untyped-def]
+    grad_shape, x_shape, factor_shapes, program, tile, needs, out_shape=None
+):
+    # Two products per matmul, and the recomputed forward up to the last matmul.
+    flops = _matmul_flops(_program(program), [x_shape, *factor_shapes])
+    return 2 * sum(flops) + sum(flops[:-1])
 
 
 def run_tiled(

@@ -357,6 +357,12 @@ class NdLinear(nn.Module):
         itemsize = (dtype or torch.get_default_dtype()).itemsize
         self.tile = choose_tile(row_elements(plan.program, self.in_shape, shapes), itemsize)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_text" not in self.__dict__:  # pickled before tiled execution existed
+            self.tile_setting = "auto"
+            self._set_plan(self._plan, self.factors[0].dtype)
+
     # ---------------------------------------------------------------- compute
     def factor_operands(self) -> list[Tensor]:
         """Factors as the network expects them (rank index dropped for rank 1)."""
