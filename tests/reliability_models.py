@@ -350,17 +350,28 @@ DISTRIBUTED_CASES = {
     "ddp-graph_module": ("graph_module", "ddp"),
     "ddp-partial": ("partial", "ddp"),
     "fsdp-graph_module": ("graph_module", "fsdp"),
+    "ddp-tiled": ("tiled", "ddp"),
+    "fsdp-tiled": ("tiled", "fsdp"),
 }
 STEPS = 3
 LR = 1e-2
 
 
 def converted_model(kind: str) -> nn.Module:
-    """A freshly converted model: a traced GraphModule or a partial (fallback) conversion."""
-    import ndcompile
+    """A freshly converted model: a traced GraphModule or a partial (fallback) conversion.
 
-    if kind == "graph_module":
-        return ndcompile.convert(TokenMLP(), torch.randn(2, 5, 64), mode="fresh")
+    ``tiled`` is the GraphModule with one-row tiles, so that every batch of the test
+    runs through the tiled contraction op.
+    """
+    import ndcompile
+    from ndcompile.layers.ndlinear import NdLinear
+
+    if kind in ("graph_module", "tiled"):
+        model = ndcompile.convert(TokenMLP(), torch.randn(2, 5, 64), mode="fresh")
+        for layer in model.modules():
+            if isinstance(layer, NdLinear) and kind == "tiled":
+                layer.tile = 1
+        return model
     return ndcompile.convert(DataDependent(), torch.randn(2, 64), mode="fresh")
 
 

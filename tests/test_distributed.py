@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reliability_models import (
     DISTRIBUTED_CASES,
@@ -92,6 +93,17 @@ def test_data_parallel_training_of_converted_model(results, case: str) -> None:
 
     # The gradients were averaged over ranks: one process on both ranks' data agrees.
     model = converted_model(kind)
+    if kind == "tiled":
+        ops: list[str] = []
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops.append(func._schema.name)
+                return func(*args, **(kwargs or {}))
+
+        with Ops():
+            model(torch.randn(4, 64))
+        assert "ndcompile::tiled_contract" in ops
     model.load_state_dict(ranks[0]["init"])
     expected = train_reference(model, WORLD)
     for n in names:
