@@ -194,3 +194,14 @@ def test_layer_pickled_before_tiling_still_runs():
     x = torch.randn(100, 6, 8)
     torch.testing.assert_close(pickle.loads(pickle.dumps(old))(x), layer(x))
     assert old.tile == layer.tile
+
+
+def test_automatic_tile_follows_the_dtype():
+    layer = NdLinear((24, 32), (48, 64))
+    single = layer.tile
+    per_row = row_elements(layer.plan().program, (24, 32), [(48, 24), (64, 32)])
+    assert single == choose_tile(per_row, 4)
+    assert layer.double().tile == choose_tile(per_row, 8) < single
+    assert layer.float().tile == single
+    fixed = NdLinear((24, 32), (48, 64), tile=40).double()
+    assert fixed.tile == 40

@@ -357,6 +357,13 @@ class NdLinear(nn.Module):
         itemsize = (dtype or torch.get_default_dtype()).itemsize
         self.tile = choose_tile(row_elements(plan.program, self.in_shape, shapes), itemsize)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> NdLinear:
+        # .to(dtype) changes the bytes per element: size automatic tiles again.
+        out = super()._apply(fn, recurse)
+        if self.tile_setting == "auto" and "_plan" in self.__dict__:
+            self._set_plan(self._plan, self.factors[0].dtype)
+        return out
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "_text" not in self.__dict__:  # pickled before tiled execution existed
