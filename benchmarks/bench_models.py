@@ -179,14 +179,11 @@ def static_measures(model: nn.Module, x: Tensor, device: torch.device) -> dict[s
         p.grad = None  # gradients are part of the step's peak
     out["peak_train_mb"], _ = peak_memory_mb(train_step, device)
     # The peak of live tensors (allocator-independent; on CPU the RSS also counts
-    # freed pages the allocator keeps): forward, and the training step with its grads.
+    # freed pages the allocator keeps): forward, and the training step with its grads
+    # (train_step clears them first).
     existing = [*model.parameters(), *model.buffers(), x]
     out["live_fwd_mb"] = peak_live_bytes(forward, existing).peak_bytes / 2**20
-    for p in model.parameters():
-        p.grad = None
     out["live_train_mb"] = peak_live_bytes(train_step, existing).peak_bytes / 2**20
-    for p in model.parameters():
-        p.grad = None
     return out
 
 

@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ndcompile.ir.program import ContractionProgram
@@ -28,6 +29,7 @@ __all__ = [
     "RandomNetwork",
     "activation_permutes",
     "assert_close_forward_backward",
+    "dispatched_ops",
     "graph_op_counts",
     "random_network",
 ]
@@ -153,6 +155,26 @@ def graph_op_counts(gm: fx.GraphModule) -> Counter[str]:
             counts[target if isinstance(target, str) else target.__name__] += 1
         elif node.op == "call_module":
             counts[type(gm.get_submodule(node.target)).__name__] += 1
+    return counts
+
+
+def dispatched_ops(fn: Callable[[], Any]) -> Counter[str]:
+    """Run ``fn()`` and count the ops it dispatches by schema name (``aten::bmm``, ...).
+
+    Custom ops count under their own name (``ndcompile::tiled_contract``), not the
+    ops inside them.
+    """
+    counts: Counter[str] = Counter()
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            counts[func._schema.name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Recorder():
+        fn()
     return counts
 
 

@@ -368,9 +368,10 @@ def converted_model(kind: str) -> nn.Module:
 
     if kind in ("graph_module", "tiled"):
         model = ndcompile.convert(TokenMLP(), torch.randn(2, 5, 64), mode="fresh")
-        for layer in model.modules():
-            if isinstance(layer, NdLinear) and kind == "tiled":
-                layer.tile = 1
+        if kind == "tiled":
+            for layer in model.modules():
+                if isinstance(layer, NdLinear):
+                    layer.tile = 1
         return model
     return ndcompile.convert(DataDependent(), torch.randn(2, 64), mode="fresh")
 

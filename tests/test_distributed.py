@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from ndcompile.testing import dispatched_ops
 
 from reliability_models import (
     DISTRIBUTED_CASES,
@@ -94,16 +95,7 @@ def test_data_parallel_training_of_converted_model(results, case: str) -> None:
     # The gradients were averaged over ranks: one process on both ranks' data agrees.
     model = converted_model(kind)
     if kind == "tiled":
-        ops: list[str] = []
-
-        class Ops(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                ops.append(func._schema.name)
-                return func(*args, **(kwargs or {}))
-
-        with Ops():
-            model(torch.randn(4, 64))
-        assert "ndcompile::tiled_contract" in ops
+        assert "ndcompile::tiled_contract" in dispatched_ops(lambda: model(torch.randn(4, 64)))
     model.load_state_dict(ranks[0]["init"])
     expected = train_reference(model, WORLD)
     for n in names:

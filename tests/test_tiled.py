@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.program import ContractionProgram
 from ndcompile.ir.tiled import MIN_TILE, choose_tile, row_elements, should_tile, tiled_contract
 from ndcompile.layers.memory import peak_live_bytes
 from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.testing import dispatched_ops
 
 CASES = [((6, 8), (12, 10), 1), ((6, 8), (12, 10), 3), ((4, 5, 3), (3, 6, 2), 2)]
 
@@ -60,16 +60,8 @@ def test_tiled_matches_whole_batch_forward_and_backward(in_shape, out_shape, ran
 def test_tiled_path_is_taken_and_flat_layers_tile_too():
     tiled, whole = _pair((6, 8), (12, 10), 2, tile=16, flat=True)
     x = torch.randn(4, 20, 48, dtype=torch.float64)  # 80 rows in two leading dims
-    calls = []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            calls.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
-
-    with Ops():
-        y = tiled(x)
-    assert "ndcompile::tiled_contract" in calls
+    assert dispatched_ops(lambda: tiled(x))["ndcompile::tiled_contract"] == 1
+    y = tiled(x)
     torch.testing.assert_close(y, whole(x))
     assert y.shape == (4, 20, 120)
 
@@ -117,10 +109,10 @@ def test_compile_keeps_the_op_and_export_gets_plain_ops():
 
 def test_should_tile_rules():
     x = torch.randn(100, 3)
-    assert should_tile(x, 100, 16)
-    assert not should_tile(x, 32, 16)  # at most two tiles: run whole
-    assert not should_tile(x, 100, 0)
-    assert not should_tile(x.to("meta"), 100, 16)
+    assert should_tile(x, 16)
+    assert not should_tile(x[:32], 16)  # at most two tiles: run whole
+    assert not should_tile(x, 0)
+    assert not should_tile(x.to("meta"), 16)
 
 
 def test_choose_tile_fits_the_budget():
@@ -158,9 +150,9 @@ def test_bad_tile_is_a_clear_error():
 def test_autocast_runs_the_plain_ops():
     tiled, whole = _pair((6, 8), (12, 10), 2, tile=16, dtype=torch.float32)
     x = torch.randn(64, 6, 8)
-    assert should_tile(x, 64, 16)
+    assert should_tile(x, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not should_tile(x, 64, 16)
+        assert not should_tile(x, 16)
         y, ref = tiled(x), whole(x)
     assert y.dtype == ref.dtype
     torch.testing.assert_close(y, ref)
@@ -205,3 +197,9 @@ def test_automatic_tile_follows_the_dtype():
     assert layer.float().tile == single
     fixed = NdLinear((24, 32), (48, 64), tile=40).double()
     assert fixed.tile == 40
+
+
+def test_dispatched_ops_counts_each_op():
+    a = torch.randn(4, 4)
+    counts = dispatched_ops(lambda: (a @ a + a) @ a)
+    assert counts["aten::mm"] == 2 and counts["aten::add"] == 1

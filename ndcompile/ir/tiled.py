@@ -118,8 +118,8 @@ def choose_tile(elements_per_row: int, itemsize: int, budget: int = TILE_BUDGET_
     return max(MIN_TILE, rows // 8 * 8)
 
 
-def should_tile(x: Tensor, rows: int, tile: int) -> bool:
-    """Whether a contraction over ``rows`` batch rows of ``x`` runs tiled.
+def should_tile(x: Tensor, tile: int) -> bool:
+    """Whether a contraction over the batch ``x`` (rows along dim 0) runs tiled.
 
     Tiling pays on the CPU once the batch holds a few tiles; GPUs run whole batches
     (their kernels need the parallelism), ``torch.export`` gets the plain ops, and
@@ -129,7 +129,7 @@ def should_tile(x: Tensor, rows: int, tile: int) -> bool:
         return False
     if torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"):
         return False
-    return bool(rows > 2 * tile)
+    return bool(x.shape[0] > 2 * tile)
 
 
 @functools.lru_cache(maxsize=256)

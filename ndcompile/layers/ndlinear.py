@@ -117,15 +117,14 @@ def apply_ndlinear(
     if lead is None:
         lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
     rows = x.reshape((-1, *in_shape))
-    tiled = bool(text) and should_tile(rows, rows.shape[0], tile)
+    tiled = bool(text) and should_tile(rows, tile)
     if tiled and not recompute and torch.is_grad_enabled():
         tiled = not any(t.requires_grad for t in (rows, *factors))
-    if tiled and lowrank is None:
-        b = None if bias is None else bias.reshape(out_shape)
-        y = run_tiled(text, tile, rows, factors, b)
-        return y.reshape(lead + ((math.prod(out_shape),) if flat_input else out_shape))
+    # The tiled op adds the bias per tile, unless a low-rank term comes after it.
+    fused_bias = bias if tiled and lowrank is None else None
     if tiled:
-        y = run_tiled(text, tile, rows, factors)
+        b = None if fused_bias is None else fused_bias.reshape(out_shape)
+        y = run_tiled(text, tile, rows, factors, b)
     elif recompute and isinstance(rows, Tensor):
         y = run_recomputed(plan.program, rows, *factors)
     else:
@@ -135,7 +134,7 @@ def apply_ndlinear(
         flat = x.reshape((-1, math.prod(in_shape)))
         y = y + torch.matmul(torch.matmul(flat, v.t()), u.t()).reshape((-1, *out_shape))
     y = y.reshape(lead + ((math.prod(out_shape),) if flat_input else out_shape))
-    if bias is not None:
+    if bias is not None and fused_bias is None:
         b = bias if flat_input else bias.reshape(out_shape)
         # The contraction's result is a fresh tensor: outside autograd, adding the bias
         # in place saves a fresh output buffer and a pass over it (the largest tensor).
@@ -349,19 +348,22 @@ class NdLinear(nn.Module):
     def _set_plan(self, plan: NetworkPlan, dtype: torch.dtype | None) -> None:
         self._plan = plan
         self._text = plan.program.to_text()
+        self._size_tile(dtype)
+
+    def _size_tile(self, dtype: torch.dtype | None) -> None:
         if self.tile_setting != "auto":
             self.tile = int(self.tile_setting)
             return
         modes = zip(self.in_shape, self.out_shape, strict=True)
         shapes = [(self.rank, h, d) if self.rank > 1 else (h, d) for d, h in modes]
         itemsize = (dtype or torch.get_default_dtype()).itemsize
-        self.tile = choose_tile(row_elements(plan.program, self.in_shape, shapes), itemsize)
+        self.tile = choose_tile(row_elements(self._plan.program, self.in_shape, shapes), itemsize)
 
     def _apply(self, fn: Any, recurse: bool = True) -> NdLinear:
         # .to(dtype) changes the bytes per element: size automatic tiles again.
         out = super()._apply(fn, recurse)
         if self.tile_setting == "auto" and "_plan" in self.__dict__:
-            self._set_plan(self._plan, self.factors[0].dtype)
+            self._size_tile(self.factors[0].dtype)
         return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
