@@ -172,3 +172,22 @@ def test_peak_live_bytes_counts_live_tensors_only():
     assert stats.peak_bytes == 2 * 256 * 256 * 4 + 4
     assert stats.end_bytes == 4  # only the scalar result is alive
     assert stats.peak_op.startswith("aten.sum")
+
+
+@pytest.mark.parametrize(("ins", "outs", "rank"), [((6, 8), (4, 5), 1), ((6, 8), (4, 5), 3)])
+def test_vjp_writes_the_input_gradient_into_input_out(ins, outs, rank) -> None:
+    nd = NdLinear(ins, outs, rank, dtype=torch.float64)
+    program = nd.plan().program
+    x = torch.randn(7, *ins, dtype=torch.float64)
+    factors = [f.detach() for f in nd.factor_operands()]
+    g = torch.randn(7, *outs, dtype=torch.float64)
+    want = program_vjp(program, [x, *factors], g, [True, True, True])
+    out = torch.full_like(x, float("nan"))
+    got = program_vjp(program, [x, *factors], g, [True, True, True], out)
+    for value, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(value, ref, rtol=1e-12, atol=1e-12)
+    from ndcompile.ir.autodiff import _input_sink
+
+    if _input_sink(program) is not None:
+        assert got[0].data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, want[0], rtol=1e-12, atol=1e-12)

@@ -170,3 +170,54 @@ def test_program_prints_its_instructions() -> None:
 def test_path_leaving_several_operands_is_rejected() -> None:
     with pytest.raises(ValueError, match="leaves 2 operands"):
         compile_path([("i",), ("j",), ("k",)], ("i", "j", "k"), [(0, 1)], {"i": 2, "j": 3, "k": 4})
+
+
+OUT_CASES = [
+    ("bij,ai,cj->bac", [(6, 5, 4), (3, 5), (2, 4)]),  # ends in a broadcast matmul
+    ("bij,ai,cj->bca", [(6, 5, 4), (3, 5), (2, 4)]),  # ends in a permute: copied
+    ("bij,rai,rcj->bac", [(6, 5, 4), (3, 2, 5), (3, 2, 4)]),  # rank-3 sum
+    ("ij,jk->ik", [(3, 4), (4, 5)]),
+]
+
+
+@pytest.mark.parametrize(("equation", "shapes"), OUT_CASES)
+def test_run_into_out_matches_run(equation: str, shapes) -> None:
+    ops = operands(shapes)
+    prog = lower(equation, shapes, "optimal")
+    want = prog.run(*ops)
+    out = torch.full_like(want, float("nan"))
+    got = prog.run(*ops, out=out)
+    assert got is out
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+
+
+def test_run_into_out_writes_the_last_matmul_there() -> None:
+    from ndcompile.layers.ndlinear import NdLinear
+
+    nd = NdLinear((6, 8), (4, 5), dtype=torch.float64)
+    prog = nd.plan().program
+    assert prog.instructions[prog._sink()].op == "matmul"
+    x = torch.randn(7, 6, 8, dtype=torch.float64)
+    factors = [f.detach() for f in nd.factor_operands()]
+    out = torch.empty(7, 4, 5, dtype=torch.float64)
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        got = prog.run(x, *factors, out=out)
+    assert got is out
+    assert torch.ops.aten.copy_.default not in seen
+    torch.testing.assert_close(out, prog.run(x, *factors), rtol=1e-12, atol=1e-12)
+
+
+def test_run_into_out_copies_a_permuted_result() -> None:
+    prog = ContractionProgram(1, [Instruction("permute", (0,), 1, (1, 0))], result=1)
+    assert prog._sink() == -1
+    x = torch.randn(3, 4)
+    out = torch.empty(4, 3)
+    assert prog.run(x, out=out) is out
+    torch.testing.assert_close(out, x.t())

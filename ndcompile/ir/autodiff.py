@@ -124,16 +124,41 @@ def _needed_values(program: ContractionProgram, grad_regs: set[int]) -> set[int]
     return needed
 
 
-def _summed_matmul(x: Tensor, y: Tensor, shape: Shape) -> Tensor:
+def _summed_matmul(x: Tensor, y: Tensor, shape: Shape, out: Tensor | None = None) -> Tensor:
     """``x @ y`` summed to ``shape``; the (possibly batch-sized) product dies here.
 
     A matrix times a batch runs as ``bmm`` over the expanded matrix, as the forward
     does: ``torch.matmul`` would fold it into one GEMM on a transposed copy of the
-    batch and return a transposed view (another copy once made contiguous).
+    batch and return a transposed view (another copy once made contiguous). With
+    ``out`` (contiguous, ``shape``'s size), a product that needs no sum is written
+    there.
     """
-    if x.dim() == 2 and y.dim() == 3:
-        return torch.bmm(x.expand(y.shape[0], -1, -1), y).sum_to_size(shape)
-    return torch.matmul(x, y).sum_to_size(shape)
+    bmm = x.dim() == 2 and y.dim() == 3
+    if bmm:
+        x = x.expand(y.shape[0], -1, -1)
+    product = (*torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]), x.shape[-2], y.shape[-1])
+    if out is not None and product == tuple(shape) and out.numel() == _product(shape):
+        dest = out.view(product)
+        return torch.bmm(x, y, out=dest) if bmm else torch.matmul(x, y, out=dest)
+    return (torch.bmm(x, y) if bmm else torch.matmul(x, y)).sum_to_size(shape)
+
+
+def _input_sink(program: ContractionProgram) -> tuple[int, int] | None:
+    """``(instruction index, register)`` of the one matmul reading operand 0 through reshapes.
+
+    None when operand 0 (or a reshape of it) is read anywhere else, so that its
+    gradient is a sum of several terms.
+    """
+    views = {0}
+    uses: list[tuple[int, int]] = []
+    for i, ins in enumerate(program.instructions):
+        if ins.op == "reshape" and ins.srcs[0] in views:
+            views.add(ins.out)
+            continue
+        uses += [(i, r) for r in ins.srcs if r in views]
+    if len(uses) != 1 or program.instructions[uses[0][0]].op != "matmul":
+        return None
+    return uses[0]
 
 
 def _accumulate(grads: dict[int, Tensor], reg: int, value: Tensor) -> None:
@@ -145,6 +170,7 @@ def program_vjp(
     operands: Sequence[Tensor],
     grad_output: Tensor,
     needs_grad: Sequence[bool],
+    input_out: Tensor | None = None,
 ) -> list[Tensor | None]:
     """Gradients of ``program.run(*operands)`` given the gradient of its result.
 
@@ -153,6 +179,9 @@ def program_vjp(
         operands: Its inputs, as in the forward call.
         grad_output: Gradient of the result.
         needs_grad: Per operand, whether its gradient is wanted.
+        input_out: A contiguous tensor of operand 0's shape. When one matmul alone
+            reads operand 0 (through reshapes), its gradient is written there (the
+            returned gradient is then a view of it); otherwise it is unused.
 
     Returns:
         One gradient per operand (None where not wanted).
@@ -182,6 +211,7 @@ def program_vjp(
             drop_after.setdefault(first_read[r], []).append(r)
         else:
             del regs[r]
+    sink = _input_sink(program) if input_out is not None and needs_grad[0] else None
     grads: dict[int, Tensor] = {program.result: grad_output}
     for i in reversed(range(len(program.instructions))):
         for r in drop_after.get(i + 1, ()):
@@ -210,10 +240,14 @@ def program_vjp(
             _accumulate(grads, ins.srcs[1], g)
         else:
             a, b = ins.srcs
+            a_out = input_out if sink == (i, a) else None
+            b_out = input_out if sink == (i, b) else None
             if a in grad_regs:
-                _accumulate(grads, a, _summed_matmul(g, regs[b].transpose(-1, -2), shapes[a]))
+                at = _summed_matmul(g, regs[b].transpose(-1, -2), shapes[a], a_out)
+                _accumulate(grads, a, at)
             if b in grad_regs:
-                _accumulate(grads, b, _summed_matmul(regs[a].transpose(-1, -2), g, shapes[b]))
+                bt = _summed_matmul(regs[a].transpose(-1, -2), g, shapes[b], b_out)
+                _accumulate(grads, b, bt)
             del g
     return [grads.get(k) if wanted else None for k, wanted in enumerate(needs_grad)]
 

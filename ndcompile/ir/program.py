@@ -55,6 +55,32 @@ class Instruction:
     dims: tuple[int, ...] = ()
 
 
+def _matmul(a: Any, b: Any, ranks: tuple[int, ...], out: torch.Tensor | None) -> Any:
+    """One program matmul, into ``out`` (viewed to the product's shape) when it fits."""
+    if ranks == (2, 3):
+        # A shared matrix times a batch: torch.matmul would copy the batch transposed
+        # when the matrix requires grad; bmm on a broadcast view of the matrix reads
+        # both in place.
+        a = a.expand(b.shape[0], -1, -1)
+        if out is not None and out.numel() == b.shape[0] * a.shape[1] * b.shape[2]:
+            return torch.bmm(a, b, out=out.view(b.shape[0], a.shape[1], b.shape[2]))
+        return torch.bmm(a, b)
+    if out is not None and a.dim() >= 2 and b.dim() >= 2:
+        shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        if out.numel() == math.prod(shape):
+            return torch.matmul(a, b, out=out.view(shape))
+    return torch.matmul(a, b)
+
+
+def _add(a: Any, b: Any, out: torch.Tensor | None) -> Any:
+    """``a + b``, into ``out`` (viewed to the sum's shape) when it fits."""
+    if out is not None:
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        if out.numel() == shape.numel():
+            return torch.add(a, b, out=out.view(shape))
+    return a + b
+
+
 @dataclass
 class ContractionProgram:
     """A lowered contraction: instructions plus the register of the result.
@@ -73,39 +99,57 @@ class ContractionProgram:
     output: tuple[str, ...] = ()
     permuted_elements: int = 0
 
-    def run(self, *operands: Any) -> Any:
+    def run(self, *operands: Any, out: torch.Tensor | None = None) -> Any:
         """Execute on tensors or FX proxies.
 
         Args:
             *operands: One value per input register, laid out as at compile time.
+            out: A contiguous tensor of the result's shape to write the result into
+                (tensors only). The instruction that makes the result (through any
+                final reshapes) writes there directly when it is a matmul or an add,
+                so no result-sized temporary is made; otherwise the result is copied.
 
         Returns:
-            The contracted tensor (or proxy) in ``self.output`` index order.
+            The contracted tensor (or proxy) in ``self.output`` index order; ``out``
+            when given.
         """
+        sink = self._sink() if out is not None else -1
         regs: dict[int, Any] = dict(enumerate(operands))
-        for ins in self.instructions:
+        for k, ins in enumerate(self.instructions):
+            dest = out if k == sink else None
             if ins.op == "reshape":
                 regs[ins.out] = regs[ins.srcs[0]].reshape(ins.arg)
             elif ins.op == "permute":
                 regs[ins.out] = regs[ins.srcs[0]].permute(ins.arg)
             elif ins.op == "matmul":
-                a, b = regs[ins.srcs[0]], regs[ins.srcs[1]]
-                if ins.arg == (2, 3):
-                    # A shared matrix times a batch: torch.matmul would copy the batch
-                    # transposed when the matrix requires grad; bmm on a broadcast view
-                    # of the matrix reads both in place.
-                    regs[ins.out] = torch.bmm(a.expand(b.shape[0], -1, -1), b)
-                else:
-                    regs[ins.out] = torch.matmul(a, b)
+                regs[ins.out] = _matmul(regs[ins.srcs[0]], regs[ins.srcs[1]], ins.arg, dest)
             elif ins.op == "sum":
                 regs[ins.out] = regs[ins.srcs[0]].sum(ins.arg)
             elif ins.op == "select":
                 regs[ins.out] = regs[ins.srcs[0]].select(*ins.arg)
             elif ins.op == "add":
-                regs[ins.out] = regs[ins.srcs[0]] + regs[ins.srcs[1]]
+                regs[ins.out] = _add(regs[ins.srcs[0]], regs[ins.srcs[1]], dest)
             else:  # pragma: no cover - instructions are built by this module only
                 raise AssertionError(ins.op)
-        return regs[self.result]
+        result = regs[self.result]
+        if out is None:
+            return result
+        if result.data_ptr() != out.data_ptr() or result.shape != out.shape:
+            out.copy_(result.reshape(out.shape))
+        return out
+
+    def _sink(self) -> int:
+        """Index of the matmul or add whose value is the result up to reshapes (-1: none)."""
+        reg = self.result
+        for k in range(len(self.instructions) - 1, -1, -1):
+            ins = self.instructions[k]
+            if ins.out != reg:
+                continue
+            if ins.op == "reshape":
+                reg = ins.srcs[0]
+                continue
+            return k if ins.op in ("matmul", "add") else -1
+        return -1
 
     def to_text(self) -> str:
         """The program as JSON text (what :meth:`from_text` reads back)."""

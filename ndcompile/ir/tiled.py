@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ndcompile.ir.autodiff import program_vjp, register_shapes
+from ndcompile.ir.pages import empty_like_rows
 from ndcompile.ir.program import ContractionProgram
 
 __all__ = [
@@ -149,14 +150,13 @@ def _forward(
     factors: Sequence[Tensor],
     bias: Tensor | None,
 ) -> Tensor:
-    out = x.new_empty(_result_shape(program, x, factors))
+    out = empty_like_rows(x, _result_shape(program, x, factors))
     for start in range(0, x.shape[0], tile):
-        part = program.run(x[start : start + tile], *factors)
-        rows = out[start : start + tile]
-        if bias is None:
-            rows.copy_(part)
-        else:
-            torch.add(part, bias, out=rows)
+        # The last matmul writes straight into the output rows, and the bias is added
+        # there while the rows are still in cache.
+        rows = program.run(x[start : start + tile], *factors, out=out[start : start + tile])
+        if bias is not None:
+            rows.add_(bias)
     return out
 
 
@@ -210,13 +210,14 @@ def _tiled_contract_backward(
         One gradient per operand; an empty tensor where none is wanted.
     """
     prog = _program(program)
-    dx = x.new_empty(x.shape) if needs[0] else x.new_empty(0)
+    dx = empty_like_rows(x, x.shape) if needs[0] else x.new_empty(0)
     dfactors: list[Tensor | None] = [None] * len(factors)
     for start in range(0, x.shape[0], tile):
         stop = start + tile
-        grads = program_vjp(prog, [x[start:stop], *factors], grad[start:stop], needs)
-        if needs[0] and grads[0] is not None:
-            dx[start:stop].copy_(grads[0])
+        rows = dx[start:stop] if needs[0] else None
+        grads = program_vjp(prog, [x[start:stop], *factors], grad[start:stop], needs, rows)
+        if rows is not None and grads[0] is not None and grads[0].data_ptr() != rows.data_ptr():
+            rows.copy_(grads[0])
         for k, g in enumerate(grads[1:]):
             if g is not None:
                 acc = dfactors[k]

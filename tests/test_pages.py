@@ -1,0 +1,83 @@
+"""Tests for ndcompile.ir.pages: large CPU buffers advised onto transparent huge pages."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from ndcompile.ir import pages
+from ndcompile.ir.tiled import run_tiled
+from ndcompile.layers.ndlinear import NdLinear
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Replace madvise by a recorder; pretend huge pages are on."""
+    calls: list[tuple[int, int, int]] = []
+
+    def fake(addr: int, length: int, advice: int) -> int:
+        calls.append((addr, length, advice))
+        return 0
+
+    monkeypatch.setattr(pages, "_madvise", lambda: fake)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("NDCOMPILE_HUGEPAGES", raising=False)
+    return calls
+
+
+def test_large_buffer_gets_its_aligned_interior_advised(recorder) -> None:
+    like = torch.empty(0)
+    out = pages.empty_like_rows(like, (pages.MIN_BYTES // 4 + 1000,))
+    assert out.dtype == like.dtype and out.is_contiguous()
+    (addr, length, advice) = recorder[0]
+    start, stop = out.data_ptr(), out.data_ptr() + out.numel() * 4
+    assert addr % pages.HUGE_PAGE == 0 and length % pages.HUGE_PAGE == 0
+    assert start <= addr and addr + length <= stop
+    assert stop - start - length < 2 * pages.HUGE_PAGE
+    assert advice == pages._MADV_HUGEPAGE
+
+
+def test_small_buffers_and_the_switch_skip_the_advice(recorder, monkeypatch) -> None:
+    like = torch.empty(0, dtype=torch.float64)
+    small = pages.empty_like_rows(like, (1000, 3))
+    assert small.shape == (1000, 3) and small.dtype == torch.float64
+    monkeypatch.setenv("NDCOMPILE_HUGEPAGES", "0")
+    assert not pages.huge_pages_available()
+    pages.empty_like_rows(like, (pages.MIN_BYTES // 8 + 8,))
+    assert recorder == []
+
+
+def test_thp_never_turns_it_off(tmp_path, monkeypatch) -> None:
+    setting = tmp_path / "enabled"
+    setting.write_text("always madvise [never]\n")
+    monkeypatch.setattr(pages, "_THP_SETTING", str(setting))
+    pages._madvise.cache_clear()
+    try:
+        assert pages._madvise() is None
+        assert not pages.huge_pages_available()
+    finally:
+        pages._madvise.cache_clear()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux-only")
+def test_real_advice_keeps_an_ordinary_tensor() -> None:
+    out = pages.empty_like_rows(torch.empty(0), (pages.MIN_BYTES // 4 + 3,))
+    out.fill_(2.0)
+    assert float(out.sum()) == 2.0 * out.numel()
+    out.resize_(10)  # an ordinary, resizable torch allocation
+    assert out.shape == (10,)
+
+
+def test_tiled_forward_and_backward_use_it(recorder, monkeypatch) -> None:
+    monkeypatch.setattr(pages, "MIN_BYTES", 1 << 12)
+    nd = NdLinear((6, 8), (4, 5), dtype=torch.float64, tile=4096)
+    # A result of 4.8 MB and an input gradient of 11.5 MB each span whole huge pages.
+    x = torch.randn(30_000, 6, 8, dtype=torch.float64, requires_grad=True)
+    factors = nd.factor_operands()
+    y = run_tiled(nd.program_text, nd.tile, x, factors, None)
+    y.sum().backward()
+    assert len(recorder) == 2  # the output and the input's gradient
+    ref = nd.plan().program.run(x.detach(), *[f.detach() for f in factors])
+    torch.testing.assert_close(y.detach(), ref, rtol=1e-12, atol=1e-12)
