@@ -48,6 +48,7 @@ try:
     from benchmarks.common import (
         format_table,
         machine_info,
+        measure_bandwidth,
         measure_roofline,
         pick_device,
         setup_torch,
@@ -58,6 +59,7 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from common import (  # type: ignore[no-redef]
         format_table,
         machine_info,
+        measure_bandwidth,
         measure_roofline,
         pick_device,
         setup_torch,
@@ -301,6 +303,7 @@ def bench_case(
     device: torch.device,
     roofline: float,
     *,
+    bandwidth: float = 0.0,
     compile_: bool,
     warmup: int,
     budget_s: float,
@@ -333,6 +336,12 @@ def bench_case(
         "tile": nd.tile if case.batch > 2 * nd.tile else 0,
         "variants": {},
     }
+    # The roofline time: the larger of the planned FLOPs at the matmul roof and the
+    # compulsory traffic (input, factors and output, each moved once) at the copy roof.
+    traffic = 4 * (case.batch * (nd.in_features + nd.out_features) + nd.num_parameters())
+    flop_ms = plan_flops / (roofline * 1e9) * 1e3 if roofline > 0 else 0.0
+    traffic_ms = traffic / (bandwidth * 1e9) * 1e3 if bandwidth > 0 else 0.0
+    record["roofline_ms"] = {"flops": flop_ms, "traffic": traffic_ms, "bytes": traffic}
     with torch.no_grad():
         reference_out = mods["ref_eager"](x)
     failed: dict[str, str] = {}
@@ -385,7 +394,13 @@ def bench_case(
             "flops": flops,
             "gflops": gflops,
             "fwdbwd_gflops": 3 * flops / (fwdbwd.median_ms * 1e-3) / 1e9,
-            "roofline_frac": gflops / roofline if roofline > 0 else None,
+            # Share of the roofline: the roofline time over the measured time (for
+            # dense and the reference, their own FLOPs at the matmul roof).
+            "roofline_frac": (
+                max(flops / (roofline * 1e9) * 1e3, traffic_ms) / fwd.median_ms
+                if roofline > 0
+                else None
+            ),
             # tltorch has its own (CP) weights: its output is not comparable.
             "rel_err_vs_ref": (
                 None if name == "tltorch" else _rel_err(reference_out, outputs[name])
@@ -692,10 +707,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     roof_size = 512 if args.quick else (4096 if device.type == "cuda" else 2048)
     roofline = measure_roofline(device, size=roof_size)
+    bandwidth = measure_bandwidth(device, mbytes=32 if args.quick else 256)
     result: dict[str, Any] = {
         "meta": {
             **machine_info(device, threads),
             "roofline_gflops": roofline,
+            "bandwidth_gbs": bandwidth,
             "roofline_matmul": roof_size,
             "compile": compile_,
             "quick": args.quick,
@@ -708,7 +725,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"# ndcompile layer benchmark: {result['meta']['cpu']}, {threads} threads, "
         f"torch {torch.__version__}, device {device}"
     )
-    print(f"roofline: {roofline:.1f} GFLOP/s ({roof_size}^3 fp32 matmul)")
+    print(
+        f"roofline: {roofline:.1f} GFLOP/s ({roof_size}^3 fp32 matmul), "
+        f"{bandwidth:.1f} GB/s (copy, read + write)"
+    )
     if args.scaling:
         result["scaling"] = run_scaling(device, quick=args.quick, plot=args.plot, time_kw=timing)
     else:
@@ -720,14 +740,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 case,
                 device,
                 case_roof,
+                bandwidth=bandwidth,
                 compile_=compile_,
                 max_dense_params=args.max_dense_params,
                 autotune=args.autotune,
                 **timing,
             )
             rec["roofline_gflops"] = case_roof
+            roof_ms = rec["roofline_ms"]
             print(
-                f"roofline now {case_roof:.1f} GFLOP/s; "
+                f"roofline now {case_roof:.1f} GFLOP/s: planned FLOPs take "
+                f"{roof_ms['flops']:.2f} ms, compulsory traffic "
+                f"({roof_ms['bytes'] / 1e6:.1f} MB) {roof_ms['traffic']:.2f} ms; "
                 f"reference order {rec['reference_flops'] / 1e6:.2f} MFLOP, "
                 f"planned {rec['plan_flops'] / 1e6:.2f} MFLOP (naive "
                 f"{rec['naive_flops'] / 1e6:.2f}), dense {rec['dense_flops'] / 1e6:.1f} MFLOP"

@@ -29,6 +29,7 @@ __all__ = [
     "Timing",
     "format_table",
     "machine_info",
+    "measure_bandwidth",
     "measure_roofline",
     "peak_memory_mb",
     "pick_device",
@@ -245,6 +246,35 @@ def measure_roofline(device: torch.device, *, size: int = 2048, repeats: int = 7
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * size**3 / best / 1e9
+
+
+def measure_bandwidth(device: torch.device, *, mbytes: int = 256, repeats: int = 7) -> float:
+    """Best achieved GB/s of a large copy between two resident buffers (read + write).
+
+    The buffers are written once before timing, so page faults are not counted:
+    this is the machine's memory roof, which a layer's compulsory traffic (its
+    input, weights and output, each moved once) cannot beat.
+
+    Args:
+        device: Where to run.
+        mbytes: Size of each buffer in MiB (well beyond the caches).
+        repeats: Timed copies.
+
+    Returns:
+        GB/s, counting the bytes read and the bytes written.
+    """
+    n = (mbytes << 20) // 4
+    src = torch.ones(n, device=device)
+    dst = torch.zeros(n, device=device)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n * 4 / best / 1e9
 
 
 def _rss_peak_kb() -> int | None:

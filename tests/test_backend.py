@@ -20,6 +20,7 @@ from ndcompile.backends.dynamo import (
     rewrite_dynamo_graph,
 )
 from ndcompile.errors import NdCompileError
+from ndcompile.ir import tiled
 from ndcompile.report import ConversionReport
 
 ndlinear = pytest.importorskip("ndlinear")
@@ -487,3 +488,46 @@ def test_example_smoke() -> None:
     )
     assert set(results) == {"eager", "ndcompile"}
     assert all(r["max_abs_diff"] < 1e-4 for r in results.values())
+
+
+# ------------------------------------------------------------------ CPU tiling
+def _tiled_calls(gm: torch.fx.GraphModule) -> int:
+    target = torch.ops.ndcompile.tiled_contract.default
+    return sum(node.target is target for node in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mode_chain_runs_tiled_on_cpu(dtype: torch.dtype, monkeypatch) -> None:
+    monkeypatch.setattr(tiled, "choose_tile", lambda *args, **kwargs: 16)
+    torch.manual_seed(0)
+    model = ndlinear.NdLinear((4, 6, 3), (5, 2, 3)).to(dtype)
+    x = torch.randn(100, 4, 6, 3, dtype=dtype)
+    (gm, inputs), *_ = _capture(model, x)
+    work, report, _ = rewrite_dynamo_graph(gm, inputs)
+    assert report.layers[0].status == "inlined" and _tiled_calls(work) == 1
+    compiled = _compile(model, inductor=False)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = compiled(xc), model(xe)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-11}
+    torch.testing.assert_close(out, ref, **tol)
+    params = list(model.parameters())
+    got = torch.autograd.grad(out.square().sum(), [xc, *params])
+    want = torch.autograd.grad(ref.square().sum(), [xe, *params])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+
+
+def test_small_batches_and_factorize_tiling(monkeypatch) -> None:
+    monkeypatch.setattr(tiled, "choose_tile", lambda *args, **kwargs: 16)
+    model = ndlinear.NdLinear((4, 6, 3), (5, 2, 3))
+    (gm, inputs), *_ = _capture(model, torch.randn(32, 4, 6, 3))  # two tiles: untiled
+    assert _tiled_calls(rewrite_dynamo_graph(gm, inputs)[0]) == 0
+    dense = nn.Sequential(_kronecker_linear(2)).eval()
+    x = torch.randn(100, 48)
+    with torch.no_grad():
+        (gm, inputs), *_ = _capture(dense, x)
+        work, report, _ = rewrite_dynamo_graph(gm, inputs, {"factorize": {"rank": 2}})
+        assert report.layer("0").status == "converted" and _tiled_calls(work) == 1
+        out = _compile(dense, inductor=False, factorize={"rank": 2})(x)
+        ref = dense(x)
+    assert torch.linalg.norm(out - ref) / torch.linalg.norm(ref) < 1e-4

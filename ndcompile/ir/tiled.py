@@ -38,6 +38,7 @@ __all__ = [
     "PYTHON_IMPLS",
     "TILE_BUDGET_BYTES",
     "choose_tile",
+    "graph_tile",
     "program_flops",
     "row_elements",
     "run_tiled",
@@ -131,6 +132,37 @@ def should_tile(x: Tensor, tile: int) -> bool:
     if torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"):
         return False
     return bool(x.shape[0] > 2 * tile)
+
+
+def graph_tile(
+    program: ContractionProgram,
+    row_shape: Sequence[int],
+    factor_shapes: Sequence[Sequence[int]],
+    like: Any,
+    rows: int,
+) -> int:
+    """Rows per tile for a graph that calls ``program`` over ``rows`` rows, or 0: untiled.
+
+    The graph-level twin of :func:`should_tile` for the ``torch.compile`` backend,
+    which decides once per captured graph from its example values: tiles pay on the
+    CPU for a floating batch of more than two tiles with static row sizes.
+
+    Args:
+        program: The program (operand 0 is the batch, rows along dim 0).
+        row_shape: The batch operand's shape without its rows.
+        factor_shapes: Shapes of the other operands.
+        like: The batch operand's example value (a FakeTensor), for device and dtype.
+        rows: The graph's example rows.
+
+    Returns:
+        The tile, or 0 when the plain ops should be emitted.
+    """
+    if not isinstance(like, Tensor) or like.device.type != "cpu" or not like.is_floating_point():
+        return 0
+    if not all(isinstance(d, int) for d in (*row_shape, *[d for f in factor_shapes for d in f])):
+        return 0
+    tile = choose_tile(row_elements(program, row_shape, factor_shapes), like.dtype.itemsize)
+    return tile if rows > 2 * tile else 0
 
 
 @functools.lru_cache(maxsize=256)

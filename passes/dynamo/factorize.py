@@ -41,6 +41,7 @@ from ndcompile.compress.kronecker import (
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.sites import order_like
 from ndcompile.ir.network import NetworkPlan, TensorNetwork
+from ndcompile.ir.tiled import graph_tile
 from ndcompile.passes.dynamo.common import (
     add_constant_inputs,
     commit_replacement,
@@ -218,8 +219,18 @@ def _emit(
     in_shape, out_shape = modes
     tn = TensorNetwork.from_ndlinear(in_shape, out_shape, rank=rank)
     xr = graph.call_method("reshape", (x, (-1, *in_shape)))
-    inputs = {"x": xr, **{f"W{k}": f for k, f in enumerate(factors)}}
-    y = tn.emit(graph, inputs, optimizer=optimizer, nominal_batch=rows)
+    values = [example_value(f) for f in factors]
+    tile = 0
+    if all(isinstance(v, Tensor) for v in values):
+        program = tn.plan(optimizer, nominal_batch=rows).program
+        shapes = [tuple(v.shape) for v in values]
+        tile = graph_tile(program, in_shape, shapes, example_value(x), rows)
+    if tile:
+        args = (xr, list(factors), None, program.to_text(), tile)
+        y = graph.call_function(torch.ops.ndcompile.tiled_contract.default, args)
+    else:
+        inputs = {"x": xr, **{f"W{k}": f for k, f in enumerate(factors)}}
+        y = tn.emit(graph, inputs, optimizer=optimizer, nominal_batch=rows)
     y = graph.call_method("reshape", (y, (-1, math.prod(out_shape))))
     y = restore_leading(graph, x, tuple(example_value(x).shape[:-1]), y, (math.prod(out_shape),))
     if b is not None:

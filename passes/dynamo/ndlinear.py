@@ -42,6 +42,7 @@ import torch.fx as fx
 from torch import Tensor
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
+from ndcompile.ir.tiled import graph_tile
 from ndcompile.layers.ndlinear import mode_bias
 from ndcompile.passes.dynamo.common import (
     commit_replacement,
@@ -305,8 +306,13 @@ def _emit(graph: fx.Graph, chain: ModeChain, optimizer: str, rows: int) -> tuple
     # The planner picks mode grouping x order x layout (not only the FLOP-optimal order).
     choice = plan_ndlinear(chain.in_shape, chain.out_shape, 1, batch=rows, optimizer=optimizer)
     plan = choice.chosen.plan
-    operands = [proxy(x), *(proxy(w) for w in chain.weights)]
-    y = plan.program.run(*operands).node
+    shapes = [(h, d) for d, h in zip(chain.in_shape, chain.out_shape, strict=True)]
+    tile = graph_tile(plan.program, chain.in_shape, shapes, example_value(chain.x), rows)
+    if tile:
+        args = (x, list(chain.weights), None, plan.program.to_text(), tile)
+        y = graph.call_function(torch.ops.ndcompile.tiled_contract.default, args)
+    else:
+        y = plan.program.run(proxy(x), *(proxy(w) for w in chain.weights)).node
     y.meta["ndcompile_plan"] = plan
     y = restore_leading(graph, chain.x, chain.lead, y, chain.out_shape)
     if any(b is not None for b in chain.biases):
