@@ -8,7 +8,7 @@ import torch
 
 from ndcompile.ir.network import TensorNetwork
 from ndcompile.ir.program import DYNAMIC, ContractionProgram, Instruction, compile_path
-from ndcompile.testing import activation_permutes, random_network
+from ndcompile.testing import activation_permutes, dispatched_ops, random_network
 
 OPTIMIZERS = ("optimal", "dp", "greedy")
 
@@ -221,3 +221,35 @@ def test_run_into_out_copies_a_permuted_result() -> None:
     out = torch.empty(4, 3)
     assert prog.run(x, out=out) is out
     torch.testing.assert_close(out, x.t())
+
+
+@pytest.mark.parametrize(("equation", "shapes"), OUT_CASES)
+def test_run_with_bias_adds_it_once(equation: str, shapes) -> None:
+    ops = operands(shapes)
+    prog = lower(equation, shapes, "optimal")
+    want = prog.run(*ops)
+    bias = torch.randn(want.shape[1:], dtype=want.dtype)
+    out = torch.full_like(want, float("nan"))
+    assert prog.run(*ops, out=out, bias=bias) is out
+    torch.testing.assert_close(out, want + bias, atol=1e-12, rtol=1e-12)
+
+
+def test_bias_is_folded_into_the_last_gemm() -> None:
+    from ndcompile.layers.ndlinear import NdLinear
+
+    nd = NdLinear((6, 8), (4, 5), dtype=torch.float64)
+    prog = nd.plan().program
+    x = torch.randn(7, 6, 8, dtype=torch.float64)
+    factors = [f.detach() for f in nd.factor_operands()]
+    bias = torch.randn(4, 5, dtype=torch.float64)
+    out = torch.empty(7, 4, 5, dtype=torch.float64)
+    ops = dispatched_ops(lambda: prog.run(x, *factors, out=out, bias=bias))
+    assert ops["aten::baddbmm"] + ops["aten::addmm"] == 1
+    assert ops["aten::add_"] == ops["aten::add"] == 0
+    torch.testing.assert_close(out, prog.run(x, *factors) + bias, rtol=1e-12, atol=1e-12)
+
+
+def test_bias_without_out_is_refused() -> None:
+    prog = lower("ij,jk->ik", [(3, 4), (4, 5)], "optimal")
+    with pytest.raises(ValueError, match="bias= needs out="):
+        prog.run(*operands([(3, 4), (4, 5)]), bias=torch.zeros(5))

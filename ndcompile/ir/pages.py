@@ -1,4 +1,4 @@
-"""Large CPU outputs backed by transparent huge pages.
+"""Large CPU outputs: reused when freed, and backed by transparent huge pages.
 
 glibc serves every allocation of 32 MiB or more (its largest mmap threshold) with a
 fresh ``mmap``, so a layer that returns such a tensor takes one page fault per 4 KiB
@@ -12,26 +12,48 @@ resized, shared and pickled as any other.
 The advice is given only on Linux with transparent huge pages not set to ``never``,
 only for buffers of at least :data:`MIN_BYTES`, and never when the environment sets
 ``NDCOMPILE_HUGEPAGES=0``.
+
+Even on huge pages the kernel zeroes every fresh page, which costs as much as writing
+the buffer: PyTorch's CPU allocator has no cache, so a layer called again gets new
+pages each time. The buffers made here are therefore kept in a small pool, as
+PyTorch's CUDA caching allocator does for GPU memory: a buffer is handed out again
+only once nothing but the pool refers to its storage (the caller's tensor, its views
+and anything autograd saved are gone), so a returned tensor is never written behind
+its holder's back. The pool keeps at most ``NDCOMPILE_POOL_MB`` MiB (default
+:data:`POOL_MB`; ``0`` turns it off) and :func:`release_buffers` drops the free ones.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["HUGE_PAGE", "MIN_BYTES", "empty_like_rows", "huge_pages_available"]
+__all__ = [
+    "HUGE_PAGE",
+    "MIN_BYTES",
+    "POOL_MB",
+    "empty_like_rows",
+    "huge_pages_available",
+    "pooled_bytes",
+    "release_buffers",
+]
 
 #: Size of a transparent huge page on x86-64 and arm64 Linux (4 KiB base pages).
 HUGE_PAGE = 2 << 20
 #: Smallest buffer that gets the advice: glibc's largest mmap threshold, so smaller
 #: buffers usually come from its heap, whose pages are already resident.
 MIN_BYTES = 32 << 20
+#: Default ceiling of the buffer pool, in MiB (``NDCOMPILE_POOL_MB`` overrides it).
+POOL_MB = 256
 _MADV_HUGEPAGE = 14
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -57,11 +79,80 @@ def huge_pages_available() -> bool:
     return _madvise() is not None
 
 
+class _Pool:
+    """CPU storages made by :func:`empty_like_rows`, reused once only the pool holds them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.storages: list[torch.UntypedStorage] = []
+
+    @staticmethod
+    def free(storage: torch.UntypedStorage) -> bool:
+        return torch._C._storage_Use_Count(storage._cdata) == 1
+
+    def take(self, nbytes: int) -> torch.UntypedStorage | None:
+        with self.lock:
+            for storage in self.storages:
+                if storage.nbytes() == nbytes and self.free(storage):
+                    return storage
+        return None
+
+    def keep(self, storage: torch.UntypedStorage, limit: int) -> None:
+        with self.lock:
+            total = sum(s.nbytes() for s in self.storages) + storage.nbytes()
+            for old in [s for s in self.storages if self.free(s)]:
+                if total <= limit:
+                    break
+                self.storages.remove(old)
+                total -= old.nbytes()
+            if total <= limit:
+                self.storages.append(storage)
+
+    def release(self) -> int:
+        with self.lock:
+            free = [s for s in self.storages if self.free(s)]
+            self.storages = [s for s in self.storages if not self.free(s)]
+        return sum(s.nbytes() for s in free)
+
+
+_POOL = _Pool()
+
+
+def _pool_limit() -> int:
+    """The pool's ceiling in bytes (0: off), from ``NDCOMPILE_POOL_MB``."""
+    if not hasattr(torch._C, "_storage_Use_Count"):
+        return 0
+    text = os.environ.get("NDCOMPILE_POOL_MB", "")
+    try:
+        mb = float(text) if text else POOL_MB
+    except ValueError:
+        mb = POOL_MB
+    return max(0, int(mb * (1 << 20)))
+
+
+def pooled_bytes() -> tuple[int, int]:
+    """Bytes the pool holds: ``(in use by callers, free for reuse)``."""
+    with _POOL.lock:
+        free = sum(s.nbytes() for s in _POOL.storages if _POOL.free(s))
+        total = sum(s.nbytes() for s in _POOL.storages)
+    return total - free, free
+
+
+def release_buffers() -> int:
+    """Drop the pool's free buffers (as ``torch.cuda.empty_cache`` does on a GPU).
+
+    Returns:
+        The bytes released.
+    """
+    return _POOL.release()
+
+
 def empty_like_rows(like: Tensor, shape: Sequence[int]) -> Tensor:
     """An uninitialised tensor of ``shape`` with ``like``'s dtype and device.
 
-    A CPU buffer of at least :data:`MIN_BYTES` has its whole huge pages advised
-    before anything touches it (see the module docstring); anything else is plain
+    A CPU buffer of at least :data:`MIN_BYTES` comes from the pool when one of its
+    size is free; a new one has its whole huge pages advised before anything touches
+    it and joins the pool (see the module docstring). Anything else is plain
     ``like.new_empty(shape)``. A refused advice changes nothing but speed.
 
     Args:
@@ -69,16 +160,35 @@ def empty_like_rows(like: Tensor, shape: Sequence[int]) -> Tensor:
         shape: The shape.
 
     Returns:
-        The new tensor.
+        The new tensor (contiguous, storage offset 0).
     """
-    out = like.new_empty(tuple(shape))
-    nbytes = out.numel() * out.element_size()
-    if out.device.type != "cpu" or nbytes < MIN_BYTES or not huge_pages_available():
-        return out
-    start = out.data_ptr()
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * like.element_size()
+    if like.device.type != "cpu" or nbytes < MIN_BYTES:
+        return like.new_empty(shape)
+    limit = _pool_limit()
+    storage = _POOL.take(nbytes) if limit else None
+    if storage is not None:
+        return like.new_empty(0).set_(storage, 0, shape, _contiguous_strides(shape))
+    out = like.new_empty(shape)
+    if huge_pages_available():
+        _advise(out.data_ptr(), nbytes)
+    if limit:
+        _POOL.keep(out.untyped_storage(), limit)
+    return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _advise(start: int, nbytes: int) -> None:
     lo = -(-start // HUGE_PAGE) * HUGE_PAGE
     hi = (start + nbytes) // HUGE_PAGE * HUGE_PAGE
     madvise = _madvise()
     if madvise is not None and hi > lo:
         madvise(lo, hi - lo, _MADV_HUGEPAGE)
-    return out

@@ -55,21 +55,49 @@ class Instruction:
     dims: tuple[int, ...] = ()
 
 
-def _matmul(a: Any, b: Any, ranks: tuple[int, ...], out: torch.Tensor | None) -> Any:
-    """One program matmul, into ``out`` (viewed to the product's shape) when it fits."""
+def _matmul(
+    a: Any, b: Any, ranks: tuple[int, ...], out: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[Any, bool]:
+    """One program matmul, into ``out`` (viewed to the product's shape) when it fits.
+
+    With ``bias`` (broadcastable to ``out``), the bias is folded into the GEMM
+    (``addmm``/``baddbmm``: the output is filled with it and the product accumulated
+    on top) when it can be viewed to the product's shape.
+
+    Returns:
+        The product and whether ``bias`` was added.
+    """
     if ranks == (2, 3):
         # A shared matrix times a batch: torch.matmul would copy the batch transposed
         # when the matrix requires grad; bmm on a broadcast view of the matrix reads
         # both in place.
         a = a.expand(b.shape[0], -1, -1)
-        if out is not None and out.numel() == b.shape[0] * a.shape[1] * b.shape[2]:
-            return torch.bmm(a, b, out=out.view(b.shape[0], a.shape[1], b.shape[2]))
-        return torch.bmm(a, b)
-    if out is not None and a.dim() >= 2 and b.dim() >= 2:
-        shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
-        if out.numel() == math.prod(shape):
-            return torch.matmul(a, b, out=out.view(shape))
-    return torch.matmul(a, b)
+    if out is None or a.dim() < 2 or b.dim() < 2:
+        return torch.matmul(a, b), False
+    shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    if out.numel() != math.prod(shape):
+        return torch.matmul(a, b), False
+    dest = out.view(shape)
+    acc = _bias_view(bias, out, shape) if a.shape[:-2] == b.shape[:-2] else None
+    if acc is not None and a.dim() == 2:
+        return torch.addmm(acc, a, b, out=dest), True
+    if acc is not None and a.dim() == 3:
+        return torch.baddbmm(acc, a, b, out=dest), True
+    if ranks == (2, 3):
+        return torch.bmm(a, b, out=dest), False
+    return torch.matmul(a, b, out=dest), False
+
+
+def _bias_view(
+    bias: torch.Tensor | None, out: torch.Tensor, shape: tuple[int, ...]
+) -> torch.Tensor | None:
+    """``bias`` broadcast to ``out`` and viewed (no copy) as ``shape``, or None."""
+    if bias is None:
+        return None
+    try:
+        return bias.expand(out.shape).view(shape)
+    except RuntimeError:
+        return None
 
 
 def _add(a: Any, b: Any, out: torch.Tensor | None) -> Any:
@@ -99,7 +127,9 @@ class ContractionProgram:
     output: tuple[str, ...] = ()
     permuted_elements: int = 0
 
-    def run(self, *operands: Any, out: torch.Tensor | None = None) -> Any:
+    def run(
+        self, *operands: Any, out: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> Any:
         """Execute on tensors or FX proxies.
 
         Args:
@@ -108,12 +138,16 @@ class ContractionProgram:
                 (tensors only). The instruction that makes the result (through any
                 final reshapes) writes there directly when it is a matmul or an add,
                 so no result-sized temporary is made; otherwise the result is copied.
+            bias: Added to the result (broadcast against it; only with ``out``). When
+                the result's matmul can take it, it is folded into that GEMM
+                (``addmm``/``baddbmm``), saving a pass over the result.
 
         Returns:
             The contracted tensor (or proxy) in ``self.output`` index order; ``out``
             when given.
         """
         sink = self._sink() if out is not None else -1
+        folded = False
         regs: dict[int, Any] = dict(enumerate(operands))
         for k, ins in enumerate(self.instructions):
             dest = out if k == sink else None
@@ -122,7 +156,11 @@ class ContractionProgram:
             elif ins.op == "permute":
                 regs[ins.out] = regs[ins.srcs[0]].permute(ins.arg)
             elif ins.op == "matmul":
-                regs[ins.out] = _matmul(regs[ins.srcs[0]], regs[ins.srcs[1]], ins.arg, dest)
+                fold = bias if dest is not None else None
+                regs[ins.out], added = _matmul(
+                    regs[ins.srcs[0]], regs[ins.srcs[1]], ins.arg, dest, fold
+                )
+                folded = folded or added
             elif ins.op == "sum":
                 regs[ins.out] = regs[ins.srcs[0]].sum(ins.arg)
             elif ins.op == "select":
@@ -133,9 +171,13 @@ class ContractionProgram:
                 raise AssertionError(ins.op)
         result = regs[self.result]
         if out is None:
+            if bias is not None:
+                raise ValueError("ContractionProgram.run: bias= needs out=")
             return result
         if result.data_ptr() != out.data_ptr() or result.shape != out.shape:
             out.copy_(result.reshape(out.shape))
+        if bias is not None and not folded:
+            out.add_(bias)
         return out
 
     def _sink(self) -> int:

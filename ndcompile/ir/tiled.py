@@ -184,11 +184,9 @@ def _forward(
 ) -> Tensor:
     out = empty_like_rows(x, _result_shape(program, x, factors))
     for start in range(0, x.shape[0], tile):
-        # The last matmul writes straight into the output rows, and the bias is added
-        # there while the rows are still in cache.
-        rows = program.run(x[start : start + tile], *factors, out=out[start : start + tile])
-        if bias is not None:
-            rows.add_(bias)
+        # The last matmul writes straight into the output rows, with the bias folded
+        # into it (or added there while the rows are still in cache).
+        program.run(x[start : start + tile], *factors, out=out[start : start + tile], bias=bias)
     return out
 
 
