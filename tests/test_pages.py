@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 import pytest
 import torch
@@ -186,3 +187,26 @@ def test_tiled_layer_results_stay_intact_while_held(small_buffers) -> None:
         assert y2.data_ptr() == ptr  # y0's buffer, reused
         for x, y in zip(xs[1:], (y1, y2), strict=True):
             torch.testing.assert_close(y, untiled(x), rtol=1e-12, atol=1e-12)
+
+
+def test_threads_never_share_a_buffer(small_buffers) -> None:
+    like = torch.empty(0)
+    spare = [pages.empty_like_rows(like, (small_buffers,)) for _ in range(4)]
+    del spare  # four free buffers in the pool
+    start = threading.Barrier(8)
+    held: list[torch.Tensor] = []
+    lock = threading.Lock()
+
+    def grab() -> None:
+        start.wait()
+        for _ in range(20):
+            t = pages.empty_like_rows(like, (small_buffers,))
+            with lock:
+                held.append(t)
+
+    threads = [threading.Thread(target=grab) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({t.data_ptr() for t in held}) == len(held) == 160

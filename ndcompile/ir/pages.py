@@ -90,11 +90,13 @@ class _Pool:
     def free(storage: torch.UntypedStorage) -> bool:
         return torch._C._storage_Use_Count(storage._cdata) == 1
 
-    def take(self, nbytes: int) -> torch.UntypedStorage | None:
+    def take(self, like: Tensor, shape: tuple[int, ...], nbytes: int) -> Tensor | None:
+        # The tensor is made under the lock: until it exists the storage still looks
+        # free, and another thread must not take it too.
         with self.lock:
             for storage in self.storages:
                 if storage.nbytes() == nbytes and self.free(storage):
-                    return storage
+                    return like.new_empty(0).set_(storage, 0, shape, _contiguous_strides(shape))
         return None
 
     def keep(self, storage: torch.UntypedStorage, limit: int) -> None:
@@ -167,9 +169,9 @@ def empty_like_rows(like: Tensor, shape: Sequence[int]) -> Tensor:
     if like.device.type != "cpu" or nbytes < MIN_BYTES:
         return like.new_empty(shape)
     limit = _pool_limit()
-    storage = _POOL.take(nbytes) if limit else None
-    if storage is not None:
-        return like.new_empty(0).set_(storage, 0, shape, _contiguous_strides(shape))
+    reused = _POOL.take(like, shape, nbytes) if limit else None
+    if reused is not None:
+        return reused
     out = like.new_empty(shape)
     if huge_pages_available():
         _advise(out.data_ptr(), nbytes)
