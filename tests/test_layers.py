@@ -312,3 +312,26 @@ def test_bias_is_added_in_place_only_outside_autograd(flat: bool) -> None:
     out.sum().backward()
     assert layer.bias is not None and layer.bias.grad is not None
     torch.testing.assert_close(layer.bias.grad, torch.full_like(layer.bias, 7.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bias_folded_into_the_last_gemm_matches_dense(dtype, recompute: bool) -> None:
+    from ndcompile.testing import dispatched_ops
+
+    torch.manual_seed(0)
+    layer = NdLinear((6, 8), (4, 5), bias=True, dtype=dtype, recompute=recompute, tile=0)
+    perturb_biases(layer)
+    x = torch.randn(9, 6, 8, dtype=dtype)
+    with torch.no_grad():
+        ops = dispatched_ops(lambda: layer(x))
+    assert ops["aten::baddbmm"] + ops["aten::addmm"] == 1  # the bias rides on a GEMM
+    assert ops["aten::add_"] + ops["aten::add"] == 0
+    compared = assert_close_forward_backward(
+        DenseForward(layer),
+        layer,
+        x,
+        param_map={f"layer.{n}": n for n, _ in layer.named_parameters()},
+        **TOL[dtype],
+    )
+    assert len(compared) == len(list(layer.parameters()))

@@ -249,7 +249,33 @@ def test_bias_is_folded_into_the_last_gemm() -> None:
     torch.testing.assert_close(out, prog.run(x, *factors) + bias, rtol=1e-12, atol=1e-12)
 
 
-def test_bias_without_out_is_refused() -> None:
-    prog = lower("ij,jk->ik", [(3, 4), (4, 5)], "optimal")
-    with pytest.raises(ValueError, match="bias= needs out="):
-        prog.run(*operands([(3, 4), (4, 5)]), bias=torch.zeros(5))
+@pytest.mark.parametrize(("equation", "shapes"), OUT_CASES)
+def test_run_with_bias_and_no_out_adds_it_once(equation: str, shapes) -> None:
+    ops = [t.requires_grad_() for t in operands(shapes)]
+    prog = lower(equation, shapes, "optimal")
+    want = prog.run(*ops)
+    bias = torch.randn(want.shape[1:], dtype=want.dtype, requires_grad=True)
+    got = prog.run(*ops, bias=bias)
+    torch.testing.assert_close(got, want + bias, atol=1e-12, rtol=1e-12)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [*ops, bias], g)
+    ref = torch.autograd.grad(want + bias, [*ops, bias], g)
+    for x, y in zip(grads, ref, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12)
+
+
+def test_bias_is_folded_without_out_too() -> None:
+    from ndcompile.layers.ndlinear import NdLinear
+
+    nd = NdLinear((6, 8), (4, 5), dtype=torch.float64)
+    prog = nd.plan().program
+    x = torch.randn(7, 6, 8, dtype=torch.float64)
+    factors = [f.detach() for f in nd.factor_operands()]
+    bias = torch.randn(4, 5, dtype=torch.float64)
+    ops = dispatched_ops(lambda: prog.run(x, *factors, bias=bias))
+    assert ops["aten::baddbmm"] + ops["aten::addmm"] == 1
+    assert ops["aten::add"] == 0
+    # A bias of another dtype is not folded, but still added.
+    half = bias.float()
+    ops = dispatched_ops(lambda: prog.run(x, *factors, bias=half))
+    assert ops["aten::baddbmm"] + ops["aten::addmm"] == 0 and ops["aten::add_"] == 1

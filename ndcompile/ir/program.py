@@ -60,9 +60,9 @@ def _matmul(
 ) -> tuple[Any, bool]:
     """One program matmul, into ``out`` (viewed to the product's shape) when it fits.
 
-    With ``bias`` (broadcastable to ``out``), the bias is folded into the GEMM
-    (``addmm``/``baddbmm``: the output is filled with it and the product accumulated
-    on top) when it can be viewed to the product's shape.
+    With ``bias`` (one result row: the result is ``(rows, *bias.shape)``), the bias is
+    folded into the GEMM (``addmm``/``baddbmm``: the output starts as the bias and the
+    product is accumulated on top) when it can be viewed to the product's shape.
 
     Returns:
         The product and whether ``bias`` was added.
@@ -72,32 +72,42 @@ def _matmul(
         # when the matrix requires grad; bmm on a broadcast view of the matrix reads
         # both in place.
         a = a.expand(b.shape[0], -1, -1)
-    if out is None or a.dim() < 2 or b.dim() < 2:
+    if not isinstance(a, torch.Tensor) or a.dim() < 2 or b.dim() < 2:
         return torch.matmul(a, b), False
     shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
-    if out.numel() != math.prod(shape):
+    if out is not None and out.numel() != math.prod(shape):
         return torch.matmul(a, b), False
-    dest = out.view(shape)
-    acc = _bias_view(bias, out, shape) if a.shape[:-2] == b.shape[:-2] else None
-    if acc is not None and a.dim() == 2:
-        return torch.addmm(acc, a, b, out=dest), True
-    if acc is not None and a.dim() == 3:
-        return torch.baddbmm(acc, a, b, out=dest), True
+    dest = None if out is None else out.view(shape)
+    acc = None
+    if a.dim() in (2, 3) and a.shape[:-2] == b.shape[:-2]:
+        acc = _bias_view(bias, a.dtype, shape)
+    if acc is not None:
+        gemm = torch.addmm if a.dim() == 2 else torch.baddbmm
+        return (gemm(acc, a, b) if dest is None else gemm(acc, a, b, out=dest)), True
     if ranks == (2, 3):
-        return torch.bmm(a, b, out=dest), False
-    return torch.matmul(a, b, out=dest), False
+        return (torch.bmm(a, b) if dest is None else torch.bmm(a, b, out=dest)), False
+    return (torch.matmul(a, b) if dest is None else torch.matmul(a, b, out=dest)), False
 
 
 def _bias_view(
-    bias: torch.Tensor | None, out: torch.Tensor, shape: tuple[int, ...]
+    bias: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> torch.Tensor | None:
-    """``bias`` broadcast to ``out`` and viewed (no copy) as ``shape``, or None."""
-    if bias is None:
+    """``bias`` (one result row) as a view that broadcasts against ``shape``, or None.
+
+    The result is ``(rows, *bias.shape)`` and the product ``shape`` is a view of it,
+    so a suffix of ``shape`` holding as many elements as the bias is the bias' own
+    (contiguous) layout, and the rest broadcasts. Decided on sizes alone, so it traces.
+    """
+    if not isinstance(bias, torch.Tensor) or bias.dtype != dtype or bias.numel() == 0:
         return None
-    try:
-        return bias.expand(out.shape).view(shape)
-    except RuntimeError:
-        return None
+    size = 1
+    for j in range(len(shape) - 1, -1, -1):
+        size *= shape[j]
+        if size == bias.numel():
+            return bias.reshape(shape[j:])
+        if size > bias.numel():
+            return None
+    return None
 
 
 def _add(a: Any, b: Any, out: torch.Tensor | None) -> Any:
@@ -138,15 +148,15 @@ class ContractionProgram:
                 (tensors only). The instruction that makes the result (through any
                 final reshapes) writes there directly when it is a matmul or an add,
                 so no result-sized temporary is made; otherwise the result is copied.
-            bias: Added to the result (broadcast against it; only with ``out``). When
-                the result's matmul can take it, it is folded into that GEMM
-                (``addmm``/``baddbmm``), saving a pass over the result.
+            bias: Added to the result, whose rows it has the shape of (tensors
+                only). When the result's matmul can take it, it is folded into that
+                GEMM (``addmm``/``baddbmm``), saving a pass over the result.
 
         Returns:
             The contracted tensor (or proxy) in ``self.output`` index order; ``out``
             when given.
         """
-        sink = self._sink() if out is not None else -1
+        sink = self._sink() if out is not None or bias is not None else -1
         folded = False
         regs: dict[int, Any] = dict(enumerate(operands))
         for k, ins in enumerate(self.instructions):
@@ -156,7 +166,7 @@ class ContractionProgram:
             elif ins.op == "permute":
                 regs[ins.out] = regs[ins.srcs[0]].permute(ins.arg)
             elif ins.op == "matmul":
-                fold = bias if dest is not None else None
+                fold = bias if k == sink else None
                 regs[ins.out], added = _matmul(
                     regs[ins.srcs[0]], regs[ins.srcs[1]], ins.arg, dest, fold
                 )
@@ -171,9 +181,12 @@ class ContractionProgram:
                 raise AssertionError(ins.op)
         result = regs[self.result]
         if out is None:
-            if bias is not None:
-                raise ValueError("ContractionProgram.run: bias= needs out=")
-            return result
+            if bias is None or folded:
+                return result
+            # A matmul's or add's result is a fresh tensor: outside autograd, adding
+            # the bias in place saves a fresh buffer and a pass over the result.
+            fresh = sink >= 0 and isinstance(result, torch.Tensor) and not result.requires_grad
+            return result.add_(bias) if fresh else result + bias
         if result.data_ptr() != out.data_ptr() or result.shape != out.shape:
             out.copy_(result.reshape(out.shape))
         if bias is not None and not folded:

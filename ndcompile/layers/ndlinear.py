@@ -118,17 +118,20 @@ def apply_ndlinear(
         lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
     rows = x.reshape((-1, *in_shape))
     tiled = bool(text) and should_tile(rows, tile)
-    if tiled and not recompute and torch.is_grad_enabled():
-        tiled = not any(t.requires_grad for t in (rows, *factors))
-    # The tiled op adds the bias per tile, unless a low-rank term comes after it.
-    fused_bias = bias if tiled and lowrank is None else None
+    if tiled and not recompute:
+        tiled = not _needs_grad(rows, factors)
+    saved = not tiled and recompute and isinstance(rows, Tensor) and _needs_grad(rows, factors)
+    # The tiled op and the last GEMM of a plain run (addmm/baddbmm) add the bias,
+    # unless a low-rank term comes after it; the recomputing autograd function does not.
+    fuse = lowrank is None and (tiled or (isinstance(rows, Tensor) and not saved))
+    fused_bias = bias if fuse else None
+    b = None if fused_bias is None else fused_bias.reshape(out_shape)
     if tiled:
-        b = None if fused_bias is None else fused_bias.reshape(out_shape)
         y = run_tiled(text, tile, rows, factors, b)
-    elif recompute and isinstance(rows, Tensor):
+    elif saved:
         y = run_recomputed(plan.program, rows, *factors)
     else:
-        y = plan.program.run(rows, *factors)
+        y = plan.program.run(rows, *factors, bias=b)
     if lowrank is not None:
         u, v = lowrank
         flat = x.reshape((-1, math.prod(in_shape)))
@@ -140,6 +143,10 @@ def apply_ndlinear(
         # in place saves a fresh output buffer and a pass over it (the largest tensor).
         y = y.add_(b) if isinstance(y, Tensor) and not y.requires_grad else y + b
     return y
+
+
+def _needs_grad(rows: Tensor, factors: Sequence[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *factors))
 
 
 class NdLinear(nn.Module):
