@@ -15,10 +15,10 @@ from ndcompile.layers.ndlinear import NdLinear
 
 @pytest.fixture(autouse=True)
 def empty_pool():
-    """Every test starts and ends with no free pooled buffer."""
-    pages.release_buffers()
+    """Every test starts and ends with an empty pool."""
+    pages._POOL.storages.clear()
     yield
-    pages.release_buffers()
+    pages._POOL.storages.clear()
 
 
 @pytest.fixture
@@ -210,3 +210,54 @@ def test_threads_never_share_a_buffer(small_buffers) -> None:
     for t in threads:
         t.join()
     assert len({t.data_ptr() for t in held}) == len(held) == 160
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+def test_a_held_storage_object_keeps_a_buffer_out_of_the_pool(small_buffers) -> None:
+    like = torch.empty(0)
+    a = pages.empty_like_rows(like, (small_buffers,))
+    a.fill_(1.0)
+    storage, typed = a.untyped_storage(), a.storage()
+    ptr = a.data_ptr()
+    del a
+    b = pages.empty_like_rows(like, (small_buffers,))
+    assert b.data_ptr() != ptr
+    b.fill_(7.0)
+    assert typed[0] == 1.0 and storage.data_ptr() == ptr
+    del storage, typed
+    assert pages.empty_like_rows(like, (small_buffers,)).data_ptr() == ptr
+
+
+def test_shared_memory_is_never_reused(small_buffers) -> None:
+    like = torch.empty(0)
+    a = pages.empty_like_rows(like, (small_buffers,))
+    a.share_memory_()  # what a multiprocessing queue does: another process maps it
+    ptr = a.data_ptr()
+    del a
+    assert pages.empty_like_rows(like, (small_buffers,)).data_ptr() != ptr
+    assert pages.pooled_bytes() == (0, small_buffers * 4)  # the shared one was dropped
+
+
+def test_fake_tensors_are_not_pooled(small_buffers) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = pages.empty_like_rows(mode.from_tensor(torch.empty(0)), (small_buffers,))
+    assert fake.shape == (small_buffers,)
+    assert pages.pooled_bytes() == (0, 0)
+    real = pages.empty_like_rows(torch.empty(0), (small_buffers,))
+    real.fill_(1.0)
+
+
+def test_peak_live_bytes_sees_pooled_buffers_freed(small_buffers) -> None:
+    from ndcompile.layers.memory import peak_live_bytes
+
+    def work() -> None:
+        a = pages.empty_like_rows(torch.empty(0), (small_buffers,))
+        del a
+        b = pages.empty_like_rows(torch.empty(0), (2 * small_buffers,))
+        del b
+
+    stats = peak_live_bytes(work)
+    assert stats.end_bytes == 0
+    assert stats.peak_bytes == 2 * small_buffers * 4

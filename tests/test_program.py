@@ -279,3 +279,19 @@ def test_bias_is_folded_without_out_too() -> None:
     half = bias.float()
     ops = dispatched_ops(lambda: prog.run(x, *factors, bias=half))
     assert ops["aten::baddbmm"] + ops["aten::addmm"] == 0 and ops["aten::add_"] == 1
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (1, 5), (5,), ()])
+def test_broadcasting_biases_are_added_not_folded(shape) -> None:
+    from ndcompile.layers.ndlinear import NdLinear
+
+    nd = NdLinear((6, 8), (4, 5), dtype=torch.float64)
+    prog = nd.plan().program
+    x = torch.randn(7, 6, 8, dtype=torch.float64)
+    factors = [f.detach() for f in nd.factor_operands()]
+    bias = torch.randn(shape, dtype=torch.float64)
+    want = prog.run(x, *factors) + bias
+    torch.testing.assert_close(prog.run(x, *factors, bias=bias), want, rtol=1e-12, atol=1e-12)
+    out = torch.empty(7, 4, 5, dtype=torch.float64)
+    prog.run(x, *factors, out=out, bias=bias)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

@@ -25,13 +25,14 @@ its holder's back. The pool keeps at most ``NDCOMPILE_POOL_MB`` MiB (default
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ __all__ = [
     "POOL_MB",
     "empty_like_rows",
     "huge_pages_available",
+    "pool_paused",
     "pooled_bytes",
     "release_buffers",
 ]
@@ -79,6 +81,37 @@ def huge_pages_available() -> bool:
     return _madvise() is not None
 
 
+def _state(storage: torch.UntypedStorage) -> tuple[int, int, bool]:
+    """C++ use count, Python reference count and sharedness of ``storage``."""
+    return (
+        torch._C._storage_Use_Count(storage._cdata),
+        sys.getrefcount(storage),
+        storage.is_shared(),
+    )
+
+
+def _free(storage: torch.UntypedStorage) -> bool:
+    """Whether only the pool refers to ``storage`` (called from a loop over the pool).
+
+    Tensors and views of it hold C++ references (its use count); the storage's own
+    Python object, which ``tensor.untyped_storage()`` returns to every caller, holds
+    Python references. Memory shared with other processes is never free: they map it.
+    """
+    use, refs, shared = _state(storage)
+    return use == 1 and refs <= _POOL_REFS and not shared
+
+
+def _probe(storage: torch.UntypedStorage) -> int:
+    # Called exactly as _free is, so it sees the same references.
+    _, refs, _ = _state(storage)
+    return refs
+
+
+#: Python references that :func:`_free` sees on a pool entry nothing else refers to
+#: (the pool's list, the loop variable, the calls' arguments), measured at import.
+_POOL_REFS = [_probe(s) for s in [torch.UntypedStorage(0)]][0]  # noqa: RUF015 - as the pool loops
+
+
 class _Pool:
     """CPU storages made by :func:`empty_like_rows`, reused once only the pool holds them."""
 
@@ -86,23 +119,19 @@ class _Pool:
         self.lock = threading.Lock()
         self.storages: list[torch.UntypedStorage] = []
 
-    @staticmethod
-    def free(storage: torch.UntypedStorage) -> bool:
-        return torch._C._storage_Use_Count(storage._cdata) == 1
-
     def take(self, like: Tensor, shape: tuple[int, ...], nbytes: int) -> Tensor | None:
         # The tensor is made under the lock: until it exists the storage still looks
         # free, and another thread must not take it too.
         with self.lock:
-            for storage in self.storages:
-                if storage.nbytes() == nbytes and self.free(storage):
-                    return like.new_empty(0).set_(storage, 0, shape, _contiguous_strides(shape))
+            self.storages = [s for s in self.storages if not s.is_shared()]
+            for storage in [s for s in self.storages if s.nbytes() == nbytes and _free(s)]:
+                return like.new_empty(0).set_(storage, 0, shape, _contiguous_strides(shape))
         return None
 
     def keep(self, storage: torch.UntypedStorage, limit: int) -> None:
         with self.lock:
             total = sum(s.nbytes() for s in self.storages) + storage.nbytes()
-            for old in [s for s in self.storages if self.free(s)]:
+            for old in [s for s in self.storages if _free(s)]:
                 if total <= limit:
                     break
                 self.storages.remove(old)
@@ -110,19 +139,45 @@ class _Pool:
             if total <= limit:
                 self.storages.append(storage)
 
+    def split(self) -> tuple[list[torch.UntypedStorage], list[torch.UntypedStorage]]:
+        """``(in use, free)``, under the caller's lock."""
+        flags = [_free(s) for s in self.storages]
+        used = [s for s, f in zip(self.storages, flags, strict=True) if not f]
+        free = [s for s, f in zip(self.storages, flags, strict=True) if f]
+        return used, free
+
     def release(self) -> int:
         with self.lock:
-            free = [s for s in self.storages if self.free(s)]
-            self.storages = [s for s in self.storages if not self.free(s)]
+            self.storages, free = self.split()
         return sum(s.nbytes() for s in free)
 
 
 _POOL = _Pool()
 
 
+_PAUSED = threading.local()
+
+
+@contextlib.contextmanager
+def pool_paused() -> Iterator[None]:
+    """Within the block (on this thread), buffers are neither taken from nor kept in the pool.
+
+    Tools that follow every storage's lifetime (such as
+    :func:`ndcompile.layers.memory.peak_live_bytes`) use it: a pooled storage outlives
+    the tensors made from it.
+    """
+    depth = getattr(_PAUSED, "depth", 0)
+    _PAUSED.depth = depth + 1
+    try:
+        yield
+    finally:
+        _PAUSED.depth = depth
+
+
 def _pool_limit() -> int:
     """The pool's ceiling in bytes (0: off), from ``NDCOMPILE_POOL_MB``."""
-    if not hasattr(torch._C, "_storage_Use_Count"):
+    paused: int = getattr(_PAUSED, "depth", 0)
+    if paused or not hasattr(torch._C, "_storage_Use_Count"):
         return 0
     text = os.environ.get("NDCOMPILE_POOL_MB", "")
     try:
@@ -135,9 +190,8 @@ def _pool_limit() -> int:
 def pooled_bytes() -> tuple[int, int]:
     """Bytes the pool holds: ``(in use by callers, free for reuse)``."""
     with _POOL.lock:
-        free = sum(s.nbytes() for s in _POOL.storages if _POOL.free(s))
-        total = sum(s.nbytes() for s in _POOL.storages)
-    return total - free, free
+        used, free = _POOL.split()
+        return sum(s.nbytes() for s in used), sum(s.nbytes() for s in free)
 
 
 def release_buffers() -> int:
@@ -166,7 +220,7 @@ def empty_like_rows(like: Tensor, shape: Sequence[int]) -> Tensor:
     """
     shape = tuple(shape)
     nbytes = math.prod(shape) * like.element_size()
-    if like.device.type != "cpu" or nbytes < MIN_BYTES:
+    if like.device.type != "cpu" or nbytes < MIN_BYTES or not _plain(like):
         return like.new_empty(shape)
     limit = _pool_limit()
     reused = _POOL.take(like, shape, nbytes) if limit else None
@@ -178,6 +232,11 @@ def empty_like_rows(like: Tensor, shape: Sequence[int]) -> Tensor:
     if limit:
         _POOL.keep(out.untyped_storage(), limit)
     return out
+
+
+def _plain(like: Tensor) -> bool:
+    """A real tensor (not a fake, functional or other subclass) whose memory is its own."""
+    return type(like) in (Tensor, torch.nn.Parameter)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -56,13 +56,19 @@ class Instruction:
 
 
 def _matmul(
-    a: Any, b: Any, ranks: tuple[int, ...], out: torch.Tensor | None, bias: torch.Tensor | None
+    a: Any,
+    b: Any,
+    ranks: tuple[int, ...],
+    out: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    row: tuple[int, ...] | None = None,
 ) -> tuple[Any, bool]:
     """One program matmul, into ``out`` (viewed to the product's shape) when it fits.
 
-    With ``bias`` (one result row: the result is ``(rows, *bias.shape)``), the bias is
-    folded into the GEMM (``addmm``/``baddbmm``: the output starts as the bias and the
-    product is accumulated on top) when it can be viewed to the product's shape.
+    With ``bias`` of the result's row shape ``row`` (default: the product's own
+    ``shape[1:]``), the bias is folded into the GEMM (``addmm``/``baddbmm``: the output
+    starts as the bias and the product is accumulated on top) when it can be viewed to
+    the product's shape.
 
     Returns:
         The product and whether ``bias`` was added.
@@ -72,14 +78,17 @@ def _matmul(
         # when the matrix requires grad; bmm on a broadcast view of the matrix reads
         # both in place.
         a = a.expand(b.shape[0], -1, -1)
-    if not isinstance(a, torch.Tensor) or a.dim() < 2 or b.dim() < 2:
+    if not isinstance(a, torch.Tensor):  # FX proxies
+        return (torch.bmm(a, b) if ranks == (2, 3) else torch.matmul(a, b)), False
+    if a.dim() < 2 or b.dim() < 2:
         return torch.matmul(a, b), False
     shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
     if out is not None and out.numel() != math.prod(shape):
         return torch.matmul(a, b), False
     dest = None if out is None else out.view(shape)
     acc = None
-    if a.dim() in (2, 3) and a.shape[:-2] == b.shape[:-2]:
+    full_row = bias is not None and tuple(bias.shape) == (shape[1:] if row is None else row)
+    if full_row and a.dim() in (2, 3) and a.shape[:-2] == b.shape[:-2]:
         acc = _bias_view(bias, a.dtype, shape)
     if acc is not None:
         gemm = torch.addmm if a.dim() == 2 else torch.baddbmm
@@ -92,7 +101,7 @@ def _matmul(
 def _bias_view(
     bias: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> torch.Tensor | None:
-    """``bias`` (one result row) as a view that broadcasts against ``shape``, or None.
+    """``bias`` (a whole result row) as a view that broadcasts against ``shape``, or None.
 
     The result is ``(rows, *bias.shape)`` and the product ``shape`` is a view of it,
     so a suffix of ``shape`` holding as many elements as the bias is the bias' own
@@ -148,15 +157,17 @@ class ContractionProgram:
                 (tensors only). The instruction that makes the result (through any
                 final reshapes) writes there directly when it is a matmul or an add,
                 so no result-sized temporary is made; otherwise the result is copied.
-            bias: Added to the result, whose rows it has the shape of (tensors
-                only). When the result's matmul can take it, it is folded into that
-                GEMM (``addmm``/``baddbmm``), saving a pass over the result.
+            bias: Added to the result (broadcast against it). When it has the shape
+                of a whole result row and the result's matmul can take it (tensors
+                only), it is folded into that GEMM (``addmm``/``baddbmm``), saving a
+                pass over the result.
 
         Returns:
             The contracted tensor (or proxy) in ``self.output`` index order; ``out``
             when given.
         """
         sink = self._sink() if out is not None or bias is not None else -1
+        row = tuple(out.shape[1:]) if out is not None else self._row_shape(sink)
         folded = False
         regs: dict[int, Any] = dict(enumerate(operands))
         for k, ins in enumerate(self.instructions):
@@ -168,7 +179,7 @@ class ContractionProgram:
             elif ins.op == "matmul":
                 fold = bias if k == sink else None
                 regs[ins.out], added = _matmul(
-                    regs[ins.srcs[0]], regs[ins.srcs[1]], ins.arg, dest, fold
+                    regs[ins.srcs[0]], regs[ins.srcs[1]], ins.arg, dest, fold, row
                 )
                 folded = folded or added
             elif ins.op == "sum":
@@ -192,6 +203,22 @@ class ContractionProgram:
         if bias is not None and not folded:
             out.add_(bias)
         return out
+
+    def _row_shape(self, sink: int) -> tuple[int, ...] | None:
+        """The result's row shape from the reshapes after instruction ``sink``.
+
+        None when the sink's value is the result itself; ``(-1,)`` (matching no bias)
+        when a reshape leaves a row size to be inferred.
+        """
+        if sink < 0:
+            return None
+        reg, arg = self.instructions[sink].out, None
+        for ins in self.instructions[sink + 1 :]:
+            if ins.op == "reshape" and ins.srcs[0] == reg:
+                reg, arg = ins.out, tuple(ins.arg)
+        if arg is None:
+            return None
+        return (-1,) if -1 in arg[1:] else arg[1:]
 
     def _sink(self) -> int:
         """Index of the matmul or add whose value is the result up to reshapes (-1: none)."""

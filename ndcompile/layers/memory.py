@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ndcompile.ir.pages import pool_paused
 from ndcompile.ir.tiled import PYTHON_IMPLS
 
 __all__ = ["LiveMemory", "SavedTensors", "peak_live_bytes", "saved_activation_bytes"]
@@ -164,7 +165,8 @@ def peak_live_bytes(fn: Callable[[], Any], existing: Iterable[Tensor] = ()) -> L
         32
     """
     tracker = _LiveTracker({t.untyped_storage().data_ptr() for t in existing})
-    with tracker:
+    # A pooled storage outlives the tensors made from it: measure without the pool.
+    with pool_paused(), tracker:
         tracker.stats.output = fn()
     tracker.stats.end_bytes = tracker.current
     return tracker.stats
