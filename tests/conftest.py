@@ -126,3 +126,23 @@ def nd_stack() -> ModelFactory:
 def no_linear() -> ModelFactory:
     """Builds :class:`NoLinear` (input ``(*, 8)``)."""
     return _factory(NoLinear)
+
+
+@pytest.fixture
+def empty_pool():  # type: ignore[no-untyped-def]
+    """The output-buffer pool (:mod:`ndcompile.ir.pages`) is empty before and after."""
+    from ndcompile.ir import pages
+
+    pages._POOL.storages.clear()
+    yield
+    pages._POOL.storages.clear()
+
+
+@pytest.fixture
+def small_buffers(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Pool buffers from 4 KiB up; returns an element count (float32) above that."""
+    from ndcompile.ir import pages
+
+    monkeypatch.setattr(pages, "MIN_BYTES", 1 << 12)
+    monkeypatch.delenv("NDCOMPILE_POOL_MB", raising=False)
+    return 2048

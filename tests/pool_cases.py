@@ -16,21 +16,8 @@ import torch
 from ndcompile.ir import pages
 from ndcompile.layers.ndlinear import NdLinear
 
-
-@pytest.fixture(autouse=True)
-def empty_pool():
-    """Every test starts and ends with an empty pool."""
-    pages._POOL.storages.clear()
-    yield
-    pages._POOL.storages.clear()
-
-
-@pytest.fixture
-def small_buffers(monkeypatch: pytest.MonkeyPatch) -> int:
-    """Pool buffers from 4 KiB up; returns an element count (float32) above that."""
-    monkeypatch.setattr(pages, "MIN_BYTES", 1 << 12)
-    monkeypatch.delenv("NDCOMPILE_POOL_MB", raising=False)
-    return 2048
+#: Every test starts and ends with an empty pool.
+pytestmark = pytest.mark.usefixtures("empty_pool")
 
 
 def test_a_freed_buffer_is_handed_out_again_and_a_held_one_is_not(small_buffers) -> None:

@@ -180,6 +180,15 @@ OUT_CASES = [
 ]
 
 
+def ndlinear_program() -> tuple[ContractionProgram, torch.Tensor, list[torch.Tensor]]:
+    """A planned (6, 8) -> (4, 5) NdLinear program, a batch of 7 and its factors (f64)."""
+    from ndcompile.layers.ndlinear import NdLinear
+
+    nd = NdLinear((6, 8), (4, 5), dtype=torch.float64)
+    factors = [f.detach() for f in nd.factor_operands()]
+    return nd.plan().program, torch.randn(7, 6, 8, dtype=torch.float64), factors
+
+
 @pytest.mark.parametrize(("equation", "shapes"), OUT_CASES)
 def test_run_into_out_matches_run(equation: str, shapes) -> None:
     ops = operands(shapes)
@@ -235,12 +244,7 @@ def test_run_with_bias_adds_it_once(equation: str, shapes) -> None:
 
 
 def test_bias_is_folded_into_the_last_gemm() -> None:
-    from ndcompile.layers.ndlinear import NdLinear
-
-    nd = NdLinear((6, 8), (4, 5), dtype=torch.float64)
-    prog = nd.plan().program
-    x = torch.randn(7, 6, 8, dtype=torch.float64)
-    factors = [f.detach() for f in nd.factor_operands()]
+    prog, x, factors = ndlinear_program()
     bias = torch.randn(4, 5, dtype=torch.float64)
     out = torch.empty(7, 4, 5, dtype=torch.float64)
     ops = dispatched_ops(lambda: prog.run(x, *factors, out=out, bias=bias))
@@ -265,12 +269,7 @@ def test_run_with_bias_and_no_out_adds_it_once(equation: str, shapes) -> None:
 
 
 def test_bias_is_folded_without_out_too() -> None:
-    from ndcompile.layers.ndlinear import NdLinear
-
-    nd = NdLinear((6, 8), (4, 5), dtype=torch.float64)
-    prog = nd.plan().program
-    x = torch.randn(7, 6, 8, dtype=torch.float64)
-    factors = [f.detach() for f in nd.factor_operands()]
+    prog, x, factors = ndlinear_program()
     bias = torch.randn(4, 5, dtype=torch.float64)
     ops = dispatched_ops(lambda: prog.run(x, *factors, bias=bias))
     assert ops["aten::baddbmm"] + ops["aten::addmm"] == 1
@@ -283,12 +282,7 @@ def test_bias_is_folded_without_out_too() -> None:
 
 @pytest.mark.parametrize("shape", [(4, 1), (1, 5), (5,), ()])
 def test_broadcasting_biases_are_added_not_folded(shape) -> None:
-    from ndcompile.layers.ndlinear import NdLinear
-
-    nd = NdLinear((6, 8), (4, 5), dtype=torch.float64)
-    prog = nd.plan().program
-    x = torch.randn(7, 6, 8, dtype=torch.float64)
-    factors = [f.detach() for f in nd.factor_operands()]
+    prog, x, factors = ndlinear_program()
     bias = torch.randn(shape, dtype=torch.float64)
     want = prog.run(x, *factors) + bias
     torch.testing.assert_close(prog.run(x, *factors, bias=bias), want, rtol=1e-12, atol=1e-12)
