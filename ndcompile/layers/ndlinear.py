@@ -121,10 +121,10 @@ def apply_ndlinear(
     if tiled and not recompute:
         tiled = not _needs_grad(rows, factors)
     saved = not tiled and recompute and isinstance(rows, Tensor) and _needs_grad(rows, factors)
-    # The tiled op and the last GEMM of a plain run (addmm/baddbmm) add the bias,
-    # unless a low-rank term comes after it; the recomputing autograd function does not.
-    fuse = lowrank is None and (tiled or (isinstance(rows, Tensor) and not saved))
-    fused_bias = bias if fuse else None
+    # The tiled op and a plain run add the bias (in the last GEMM where it fits, else
+    # in place outside autograd); the recomputing autograd function and FX proxies
+    # leave it to the end.
+    fused_bias = bias if tiled or (isinstance(rows, Tensor) and not saved) else None
     b = None if fused_bias is None else fused_bias.reshape(out_shape)
     if tiled:
         y = run_tiled(text, tile, rows, factors, b)
@@ -138,10 +138,7 @@ def apply_ndlinear(
         y = y + torch.matmul(torch.matmul(flat, v.t()), u.t()).reshape((-1, *out_shape))
     y = y.reshape(lead + ((math.prod(out_shape),) if flat_input else out_shape))
     if bias is not None and fused_bias is None:
-        b = bias if flat_input else bias.reshape(out_shape)
-        # The contraction's result is a fresh tensor: outside autograd, adding the bias
-        # in place saves a fresh output buffer and a pass over it (the largest tensor).
-        y = y.add_(b) if isinstance(y, Tensor) and not y.requires_grad else y + b
+        y = y + (bias if flat_input else bias.reshape(out_shape))
     return y
 
 
