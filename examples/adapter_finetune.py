@@ -13,8 +13,9 @@ pretrained on digits 0-4 (task A), then fine-tuned on digits 5-9 relabelled 0-4
   R terms, last factor zero at start).
 
 In every adapter variant the classifier head is trainable too, and the adapters
-use a higher learning rate than full fine-tuning (as usual for LoRA). ``MultiheadAttention``
-is traced as one opaque call, so its Linears are not adapted by either method.
+use a higher learning rate than full fine-tuning (as usual for LoRA). Both methods adapt
+the MLP Linears only (``include=`` selects them; ndcompile could also adapt the
+attention's q/k/v/out projections, which it splits out of ``nn.MultiheadAttention``).
 
 Run::
 

@@ -38,6 +38,7 @@ from ndcompile.errors import NdCompileError
 from ndcompile.fileio import atomic_write
 from ndcompile.frontend.trace import as_tuple
 from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.pipeline.attention import split_saved
 from ndcompile.report import ConversionReport, LayerReport, report_of
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "METADATA_KEY", "load", "read_metadata", "save"]
@@ -467,7 +468,9 @@ def _load_module(
 ) -> nn.Module:
     """Rebuild a module-surgery conversion: install the recorded layers, load the weights."""
     try:
-        rebuilt = rebuild_layers(copy.deepcopy(model), meta["layers"])
+        rebuilt = copy.deepcopy(model)
+        split_saved(rebuilt, tensors)
+        rebuilt = rebuild_layers(rebuilt, meta["layers"])
     except NdCompileError as exc:
         raise NdCompileError(
             f"cannot rebuild the saved conversion on {type(model).__name__}: {exc}",

@@ -174,9 +174,20 @@ def _functional_site(model: nn.Module, name: str, found: list[LinearCall]) -> Li
     view.weight = nn.Parameter(weight, requires_grad=False)
     site = LinearSite(f"{name}.{param}" if name else param, view, kind="F.linear", calls=len(found))
     site.rows = max(1, _rows(found[0].input_shape))
+    where = f"F.linear on parameter {param!r} of {type(owner).__name__} {name or '<root>'!r}"
+    if isinstance(owner, nn.MultiheadAttention):
+        why = (
+            "a subclass of nn.MultiheadAttention (its forward may differ)"
+            if type(owner) is not nn.MultiheadAttention
+            else "the model itself, excluded, or read from a checkpoint"
+        )
+        site.skip_reason = (
+            f"{where}: the attention is {why}, so it is not split into separate "
+            "q/k/v projection layers (ndcompile.layers.attention.ProjectedAttention)"
+        )
+        return site
     site.skip_reason = (
-        f"F.linear on parameter {param!r} of {type(owner).__name__} {name or '<root>'!r}: "
-        "module surgery replaces modules, not functional calls; convert with "
+        f"{where}: module surgery replaces modules, not functional calls; convert with "
         "output='graph' if the model traces with torch.fx"
     )
     return site

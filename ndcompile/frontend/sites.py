@@ -28,7 +28,14 @@ from ndcompile.compress.kronecker import plan_mode_shapes
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.trace import node_shape
 
-__all__ = ["LinearSite", "ShapeOverrides", "find_linear_sites", "merged_modes", "order_like"]
+__all__ = [
+    "LinearSite",
+    "ShapeOverrides",
+    "find_linear_sites",
+    "is_selected",
+    "merged_modes",
+    "order_like",
+]
 
 ShapeOverrides = Mapping[str, tuple[Sequence[int], Sequence[int]]]
 
@@ -137,7 +144,8 @@ def tied_parameters(root: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+def is_selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    """Whether ``name`` matches one of ``include`` (all when empty) and none of ``exclude``."""
     if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
         return False
     return not (exclude and any(fnmatch.fnmatchcase(name, pat) for pat in exclude))
@@ -263,7 +271,7 @@ def plan_site(
 ) -> None:
     """Fill ``site``'s modes, or its skip reason."""
     m = site.module
-    if not _selected(name_prefix + site.name, include, exclude):
+    if not is_selected(name_prefix + site.name, include, exclude):
         site.skip_reason = "not selected by include/exclude"
         return
     names = tied.get(id(m.weight), [])
