@@ -197,3 +197,19 @@ def test_siglip_attention_pooling_head_is_converted() -> None:
     with torch.no_grad():
         want = model(**example).pooler_output
         torch.testing.assert_close(converted(**example).pooler_output, want, atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_plans_the_projections_convert_converts() -> None:
+    from ndcompile.cli.inspect import plan_model
+
+    torch.manual_seed(0)
+    model = EncoderWithCrossAttention().eval()
+    notes: list[str] = []
+    rows = plan_model(model, _example(), mode="factorize", rank=2, notes=notes)
+    planned = {r["name"] for r in rows if r["action"] == "convert"}
+    converted = ndcompile.convert(model, _example(), mode="factorize", rank=2)
+    done = {e.name for e in converted.report.layers if e.status == "converted"}
+    assert set(PROJECTED) <= planned
+    assert planned == done
+    assert any("ProjectedAttention" in n for n in notes)
+    assert type(model.cross) is nn.MultiheadAttention

@@ -29,6 +29,7 @@ from ndcompile.frontend.sites import LinearSite, ShapeOverrides, find_linear_sit
 from ndcompile.frontend.trace import is_reference_ndlinear, node_shape, propagate_shapes, trace
 from ndcompile.ir.network import TensorNetwork
 from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.pipeline.attention import with_split_attention
 from ndcompile.pipeline.modes import get_mode
 from ndcompile.pipeline.options import ConvertOptions
 from ndcompile.pipeline.surgery import find_module_sites
@@ -227,6 +228,8 @@ def plan_model(
     notes = [] if notes is None else notes
     call = example_inputs(example)
     strategy = get_mode(mode)
+    if strategy.replaces_sites:  # as convert does: attention projections become layers
+        model = with_split_attention(model, include, exclude, notes)
     try:
         sites, rows = _graph_sites(model, call, opts)
     except UntraceableError as exc:

@@ -27,6 +27,7 @@ __all__ = [
     "split_attention",
     "split_names",
     "split_saved",
+    "with_split_attention",
 ]
 
 #: Child layers of a :class:`ProjectedAttention`, by name.
@@ -107,3 +108,34 @@ def split_saved(model: nn.Module, tensor_names: Iterable[str]) -> list[str]:
     """
     prefixes = {key.rsplit(".q_proj.", 1)[0] for key in tensor_names if ".q_proj." in key}
     return split_attention(model, lambda name: name in prefixes)
+
+
+def with_split_attention(
+    model: nn.Module,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    notes: list[str],
+) -> nn.Module:
+    """``model``, or a :func:`sharing_copy` of it with its selected attention layers split.
+
+    Args:
+        model: The user's model (not modified).
+        include: Glob patterns of layer names to convert (default: all).
+        exclude: Glob patterns of layer names to leave alone.
+        notes: Where a note naming the split layers is appended.
+
+    Returns:
+        The copy when a layer was split, else ``model`` itself.
+    """
+    if not has_attention(model):
+        return model
+    work = sharing_copy(model)
+    names = split_attention(work, split_names(include, exclude))
+    if not names:
+        return model
+    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    notes.append(
+        f"nn.MultiheadAttention {shown} run as ProjectedAttention, with separate "
+        "q_proj/k_proj/v_proj/out_proj layers, so each projection can be converted"
+    )
+    return work

@@ -34,7 +34,7 @@ from ndcompile.frontend.sites import LinearSite
 from ndcompile.frontend.trace import is_reference_ndlinear
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.passes.fx.emit import set_submodule
-from ndcompile.pipeline.attention import has_attention, sharing_copy, split_attention, split_names
+from ndcompile.pipeline.attention import has_attention, with_split_attention
 from ndcompile.pipeline.checks import (
     check_runs,
     count_parameters,
@@ -246,34 +246,6 @@ def _copy_without(model: nn.Module, replaced: list[str]) -> nn.Module:
         ) from exc
 
 
-def _split_attention_copy(
-    model: nn.Module, opts: ConvertOptions, report: ConversionReport, has_weights: bool
-) -> nn.Module:
-    """``model``, or a copy sharing its tensors whose selected attention layers are split.
-
-    The fused projections of ``nn.MultiheadAttention`` become four layers
-    (:mod:`ndcompile.pipeline.attention`); a model read from a checkpoint keeps them
-    (the checkpoint names the fused parameters).
-    """
-    if not has_weights:
-        report.notes.append(
-            "nn.MultiheadAttention projections are kept when the weights come from a "
-            "checkpoint (convert the loaded model to convert them)"
-        )
-        return model
-    work = sharing_copy(model)
-    names = split_attention(work, split_names(opts.include, opts.exclude))
-    if not names:
-        return model
-    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
-    report.notes.append(
-        f"nn.MultiheadAttention {shown} run as ProjectedAttention, "
-        "with separate q_proj/k_proj/v_proj/out_proj layers, so each projection can be "
-        "converted"
-    )
-    return work
-
-
 def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOptions) -> nn.Module:
     """Convert a deep copy of ``model`` by replacing its Linear-like layers in place.
 
@@ -295,8 +267,13 @@ def convert_module(model: nn.Module, example: ExampleInputs, opts: ConvertOption
         options=opts.to_json(),
     )
     if mode.replaces_sites:
-        if has_attention(model):
-            model = _split_attention_copy(model, opts, report, ckpt is None)
+        if ckpt is None:
+            model = with_split_attention(model, opts.include, opts.exclude, report.notes)
+        elif has_attention(model):
+            report.notes.append(
+                "nn.MultiheadAttention projections are kept when the weights come from a "
+                "checkpoint (convert the loaded model to convert them)"
+            )
         sites, entries, data = _plan_sites(model, mode, example, report, opts, ckpt is None)
         chosen = [site for site in sites if site.convertible]
         work = _copy_without(model, [site.name for site in chosen])
