@@ -213,3 +213,22 @@ def test_inspect_plans_the_projections_convert_converts() -> None:
     assert planned == done
     assert any("ProjectedAttention" in n for n in notes)
     assert type(model.cross) is nn.MultiheadAttention
+
+
+def test_backend_names_fused_attention_and_compiles_the_converted_model() -> None:
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(block, 1, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 16, D)
+    reports: list = []
+    options = {"factorize": {"rank": 2}, "report": reports.append, "inductor": False}
+    with torch.no_grad():
+        torch.compile(model, backend="ndcompile", options=options)(x)
+    notes = " ".join(n for r in reports for n in r.notes)
+    assert "_transformer_encoder_layer_fwd" in notes and "ndcompile.convert" in notes
+    converted = ndcompile.convert(model, x, mode="fresh")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = converted(x)
+        got = torch.compile(converted, backend="ndcompile", options={"inductor": False})(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

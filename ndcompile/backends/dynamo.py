@@ -169,6 +169,30 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
     )
 
 
+#: Calls that apply attention projections from fused weights, by the name reported.
+_FUSED_ATTENTION = {
+    "torch._transformer_encoder_layer_fwd": "nn.TransformerEncoderLayer's fast path",
+    "torch._native_multi_head_attention": "nn.MultiheadAttention's fast path",
+    "F.multi_head_attention_forward": "nn.MultiheadAttention",
+}
+
+
+def _fused_attention_calls(gm: fx.GraphModule) -> list[str]:
+    """What of :data:`_FUSED_ATTENTION` the graph calls, each with its count."""
+    targets: dict[Any, str] = {
+        torch.nn.functional.multi_head_attention_forward: "F.multi_head_attention_forward"
+    }
+    for name in ("_transformer_encoder_layer_fwd", "_native_multi_head_attention"):
+        if hasattr(torch, name):
+            targets[getattr(torch, name)] = f"torch.{name}"
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in targets:
+            key = targets[node.target]
+            counts[key] = counts.get(key, 0) + 1
+    return [f"{n} call(s) of {_FUSED_ATTENTION[k]} ({k})" for k, n in counts.items()]
+
+
 def rewrite_dynamo_graph(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -206,6 +230,14 @@ def rewrite_dynamo_graph(
     compile_id = gm.meta.get("dynamo_compile_id")
     if compile_id is not None:
         report.notes.append(f"dynamo graph {compile_id}")
+    hidden = _fused_attention_calls(gm)
+    if hidden:
+        report.notes.append(
+            f"{', '.join(hidden)} keep their projection weights inside one fused call, so "
+            "those Linear layers are not rewritten here: convert the model with "
+            "ndcompile.convert(model, example, ...) first (it splits nn.MultiheadAttention "
+            "into q_proj/k_proj/v_proj/out_proj layers), then torch.compile the result"
+        )
     if not report.layers:
         report.notes.append("nothing to rewrite in this graph")
     ordered = [
