@@ -23,8 +23,9 @@ import torch.fx as fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ndcompile.errors import NdCompileError
+from ndcompile.ir.lowering import compile_path
 from ndcompile.ir.meta import PLAN
-from ndcompile.ir.program import ContractionProgram, compile_path
+from ndcompile.ir.program import ContractionProgram
 
 __all__ = ["OPTIMIZERS", "NetworkPlan", "TensorNetwork", "check_optimizer"]
 
