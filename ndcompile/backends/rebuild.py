@@ -24,7 +24,8 @@ from ndcompile.compress.adapters import NdAdapterLinear
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.capture import is_conv1d
 from ndcompile.frontend.module_sites import conv1d_as_linear
-from ndcompile.layers.ndlinear import BiasKind, NdLinear
+from ndcompile.layers.construction import BiasKind
+from ndcompile.layers.ndlinear import NdLinear
 
 __all__ = ["BIAS_NAMES", "layer_specs", "rebuild_layers"]
 

@@ -32,7 +32,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 from ndcompile.compress.kronecker import plan_mode_shapes
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.sites import LinearSite, order_like
-from ndcompile.layers.ndlinear import NdLinear, apply_ndlinear
+from ndcompile.layers.execution import apply_ndlinear
+from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.passes.fx.emit import set_submodule
 from ndcompile.report import LayerReport
 

@@ -27,7 +27,8 @@ from ndcompile.compress.hybrid import WhitenedMetric
 from ndcompile.compress.kronecker import kron_dense
 from ndcompile.frontend.capture import linear_like
 from ndcompile.frontend.module_sites import conv1d_as_linear
-from ndcompile.layers.ndlinear import NdLinear, mode_bias
+from ndcompile.layers.execution import mode_bias
+from ndcompile.layers.ndlinear import NdLinear
 
 __all__ = ["MIN_HELDOUT_ROWS", "LayerDistill", "distill_layer", "layer_pairs", "lr_groups"]
 

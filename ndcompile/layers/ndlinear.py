@@ -4,7 +4,7 @@
 weight ``W = sum_r W1[r] ⊗ ... ⊗ WN[r]`` (factor ``k`` has shape ``(rank, h_k, d_k)``),
 acting on the row-major flattened modes, plus a bias. The forward pass executes a
 contraction planned once by opt_einsum and lowered to explicit matmul/reshape ops
-(:mod:`ndcompile.program`); it never calls opt_einsum at run time, so dynamo traces
+(:mod:`ndcompile.ir.lowering`); it never calls opt_einsum at run time, so dynamo traces
 it without graph breaks.
 """
 
@@ -18,132 +18,21 @@ import torch
 from torch import Tensor, nn
 
 from ndcompile.errors import NdCompileError
-from ndcompile.ir.autodiff import run_recomputed
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
-from ndcompile.ir.tiled import choose_tile, row_elements, run_tiled, should_tile
+from ndcompile.ir.tiled import choose_tile, row_elements
+from ndcompile.layers.construction import (
+    BiasKind,
+    check_layer_arguments,
+    from_reference_layer,
+    init_like_linear,
+)
+from ndcompile.layers.execution import apply_ndlinear, mode_bias
 from ndcompile.planner.plan import PlanChoice, plan_ndlinear
 
-__all__ = ["NdLinear", "apply_ndlinear", "mode_bias"]
-
-BiasKind = bool | str
+__all__ = ["NdLinear"]
 
 #: Planner names accepted by :class:`NdLinear`.
 PLANNERS = ("cost", "flops")
-
-
-def mode_bias(
-    biases: Sequence[Tensor],
-    factors: Sequence[Tensor],
-    order: Sequence[int],
-    out_shape: Sequence[int],
-) -> Tensor:
-    """Full bias (flattened) of per-mode biases applied in ``order``.
-
-    Applying mode ``k`` as ``x -> W_k x + b_k`` (``b_k`` broadcast over the other
-    modes) in sequence gives the bias ``sum_t (1 ⊗ .. ⊗ b_{m_t} ⊗ .. ⊗ W_j 1)``:
-    modes applied before ``m_t`` contribute ones, modes applied after it
-    contribute the row sums of their (rank-1) factors.
-
-    Args:
-        biases: ``b_k`` of shape ``(h_k,)`` per mode.
-        factors: Rank-1 factors ``(1, h_k, d_k)`` per mode.
-        order: The order in which the modes are applied.
-        out_shape: ``(h1..hN)``.
-
-    Returns:
-        The bias of shape ``(prod h,)``.
-    """
-    n = len(factors)
-    out_shape = list(out_shape)
-    total = None
-    for t, k in enumerate(order):
-        term = biases[k]
-        view = [1] * n
-        view[k] = out_shape[k]
-        term = term.reshape(view)
-        for j in order[t + 1 :]:
-            rows = factors[j][0].sum(dim=1)
-            shape = [1] * n
-            shape[j] = out_shape[j]
-            term = term * rows.reshape(shape)
-        term = term.expand(out_shape)
-        total = term if total is None else total + term
-    assert total is not None
-    return total.reshape(-1)
-
-
-def apply_ndlinear(
-    x: Any,
-    factors: Sequence[Any],
-    bias: Any,
-    plan: NetworkPlan,
-    in_shape: tuple[int, ...],
-    out_shape: tuple[int, ...],
-    *,
-    flat_input: bool,
-    lead: Any = None,
-    lowrank: tuple[Any, Any] | None = None,
-    recompute: bool = False,
-    tile: int = 0,
-    text: str = "",
-) -> Any:
-    """The NdLinear computation on tensors or FX proxies.
-
-    Args:
-        x: Input ``(*, prod d)`` if ``flat_input`` else ``(*, d1..dN)``.
-        factors: Factor operands as the plan expects them.
-        bias: Full bias ``(prod h,)`` or None.
-        plan: The planned contraction.
-        in_shape: ``(d1..dN)``.
-        out_shape: ``(h1..hN)``.
-        flat_input: Whether input and output have flattened modes (the ``nn.Linear``
-            convention) rather than N-D modes.
-        lead: The leading (batch) dims of ``x`` when they can be read from another
-            tensor with the same leading dims (so the graph does not query ``x``);
-            default ``x``'s own.
-        lowrank: ``(U, V)`` of a low-rank residual ``U @ V`` added to the weight.
-        recompute: Save only the contraction's inputs for backward and recompute
-            its intermediates there (:mod:`ndcompile.ir.autodiff`); ignored for FX
-            proxies.
-        tile: Batch rows per tile of a tiled contraction (:mod:`ndcompile.ir.tiled`),
-            used on CPU tensors with more than two tiles of rows; 0 never tiles.
-            Tiled runs recompute in backward, so with ``recompute=False`` they are
-            used only where no gradient is taken.
-        text: ``plan.program.to_text()`` (needed when ``tile`` is set).
-
-    Returns:
-        ``(*, prod h)`` if ``flat_input`` else ``(*, h1..hN)``; leading dims as ``x``'s.
-    """
-    if lead is None:
-        lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
-    rows = x.reshape((-1, *in_shape))
-    tiled = bool(text) and should_tile(rows, tile)
-    if tiled and not recompute:
-        tiled = not _needs_grad(rows, factors)
-    saved = not tiled and recompute and isinstance(rows, Tensor) and _needs_grad(rows, factors)
-    # The tiled op and a plain run add the bias (in the last GEMM where it fits, else
-    # in place outside autograd); the recomputing autograd function and FX proxies
-    # leave it to the end.
-    fused_bias = bias if tiled or (isinstance(rows, Tensor) and not saved) else None
-    b = None if fused_bias is None else fused_bias.reshape(out_shape)
-    if tiled:
-        y = run_tiled(text, tile, rows, factors, b)
-    elif saved:
-        y = run_recomputed(plan.program, rows, *factors)
-    else:
-        y = plan.program.run(rows, *factors, bias=b)
-    if lowrank is not None:
-        u, v = lowrank
-        flat = x.reshape((-1, math.prod(in_shape)))
-        y = y + torch.matmul(torch.matmul(flat, v.t()), u.t()).reshape((-1, *out_shape))
-    y = y.reshape(lead + ((math.prod(out_shape),) if flat_input else out_shape))
-    if bias is not None and fused_bias is None:
-        y = y + (bias if flat_input else bias.reshape(out_shape))
-    return y
-
-
-def _needs_grad(rows: Tensor, factors: Sequence[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *factors))
 
 
 class NdLinear(nn.Module):
@@ -208,25 +97,8 @@ class NdLinear(nn.Module):
         super().__init__()
         self.flat = bool(flat)
         self.recompute = bool(recompute)
-        if not (tile == "auto" or (isinstance(tile, int) and tile >= 0)):
-            raise NdCompileError(f"NdLinear tile must be 'auto' or an int >= 0, got {tile!r}")
+        in_shape, out_shape = check_layer_arguments(in_shape, out_shape, rank, bias, tile)
         self.tile_setting: int | str = tile
-        in_shape, out_shape = tuple(int(d) for d in in_shape), tuple(int(h) for h in out_shape)
-        if len(in_shape) != len(out_shape) or not in_shape or min(in_shape + out_shape) < 1:
-            raise NdCompileError(
-                f"NdLinear needs as many input as output modes, all >= 1; got in_shape="
-                f"{in_shape}, out_shape={out_shape}",
-                hint="give one output size per input mode, e.g. (32, 32, 3) -> (16, 16, 3)",
-            )
-        if rank < 1:
-            raise NdCompileError(f"NdLinear rank must be >= 1, got {rank}")
-        if bias not in (True, False, "modes"):
-            raise NdCompileError(f"NdLinear bias must be True, False or 'modes', got {bias!r}")
-        if bias == "modes" and rank != 1:
-            raise NdCompileError(
-                f"bias='modes' is defined for rank 1 only (got rank {rank})",
-                hint="use bias=True (a full bias) with rank > 1",
-            )
         self.in_shape, self.out_shape, self.rank = in_shape, out_shape, int(rank)
         self.bias_kind: BiasKind = bias
         self.mode_order: tuple[int, ...] = tuple(range(len(in_shape)))
@@ -282,25 +154,7 @@ class NdLinear(nn.Module):
         Each factor is uniform with a bound chosen so the Kronecker sum has the
         same per-entry variance as ``nn.Linear``'s Kaiming-uniform weight.
         """
-        if any(f.is_meta for f in self.factors):
-            return
-        n = len(self.factors)
-        # Var(W) = R * prod Var(W_k); nn.Linear: bound b -> Var = b^2 / 3 with b^2 = 1 / fan_in.
-        target_var = 1.0 / (3.0 * self.in_features)
-        per_mode_var = (target_var / self.rank) ** (1.0 / n)
-        bound = math.sqrt(3.0 * per_mode_var)
-        with torch.no_grad():
-            for f in self.factors:
-                f.uniform_(-bound, bound)
-            fan_bound = 1.0 / math.sqrt(self.in_features)
-            if self.bias is not None:
-                self.bias.uniform_(-fan_bound, fan_bound)
-            if self.lowrank_u is not None and self.lowrank_v is not None:
-                self.lowrank_u.zero_()
-                self.lowrank_v.uniform_(-fan_bound, fan_bound)
-            if self.mode_biases is not None:
-                for k, b in enumerate(self.mode_biases):
-                    b.uniform_(-1.0, 1.0).mul_(1.0 / math.sqrt(self.in_shape[k]))
+        init_like_linear(self)
 
     def network(self) -> TensorNetwork:
         """The layer's tensor network (input ``x`` and factors ``W0..W{N-1}``)."""
@@ -477,37 +331,7 @@ class NdLinear(nn.Module):
         Returns:
             An NdLinear with ``bias="modes"`` (or no bias) and the same function.
         """
-        linears = list(getattr(layer, "align_layers", []))
-        if not linears or not all(isinstance(m, nn.Linear) for m in linears):
-            raise NdCompileError(
-                f"{type(layer).__name__} is not a reference NdLinear (no align_layers)"
-            )
-        has_bias = [m.bias is not None for m in linears]
-        if any(has_bias) != all(has_bias):
-            raise NdCompileError("reference NdLinear mixes modes with and without bias")
-        ref = linears[0].weight
-        new = cls(
-            [m.in_features for m in linears],
-            [m.out_features for m in linears],
-            rank=1,
-            bias="modes" if all(has_bias) else False,
-            optimizer=optimizer,
-            device=ref.device,
-            dtype=ref.dtype,
-        )
-        n = len(linears)
-        new.mode_order = (
-            tuple(range(n))
-            if getattr(layer, "transform_outer", True)
-            else tuple(reversed(range(n)))
-        )
-        with torch.no_grad():
-            for f, m in zip(new.factors, linears, strict=True):
-                f.copy_(m.weight.unsqueeze(0))
-            if new.mode_biases is not None:
-                for b, m in zip(new.mode_biases, linears, strict=True):
-                    b.copy_(m.bias)
-        return new
+        return from_reference_layer(cls, layer, optimizer=optimizer)
 
     def extra_repr(self) -> str:
         bias = {True: "full", False: "none", "modes": "modes"}[self.bias_kind]

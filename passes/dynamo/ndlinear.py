@@ -8,7 +8,7 @@ interpretation (which input axis every current dim holds), and when a chain ends
 with ``(*, h1..hN)`` in the input's axis order after applying one linear map to each
 of the trailing N axes, it replaces the whole chain by the planned contraction of
 :func:`ndcompile.planner.plan.plan_ndlinear` (the NdLinear network) plus the exactly composed
-per-mode biases (:func:`ndcompile.layers.ndlinear.mode_bias`). The weights are the lifted
+per-mode biases (:func:`ndcompile.layers.execution.mode_bias`). The weights are the lifted
 parameter placeholders themselves, so training sees the same parameters.
 
 Before (``gm.code`` of ``ndlinear.NdLinear((4, 6), (5, 2))``, batch 3)::
@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ndcompile.ir.tiled import graph_tile
-from ndcompile.layers.ndlinear import mode_bias
+from ndcompile.layers.execution import mode_bias
 from ndcompile.passes.dynamo.common import (
     commit_replacement,
     example_value,

@@ -9,7 +9,8 @@ from torch import nn
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ndcompile.ir.meta import LEAD_SOURCE, PLAN, REGION
-from ndcompile.layers.ndlinear import NdLinear, apply_ndlinear, mode_bias
+from ndcompile.layers.execution import apply_ndlinear, mode_bias
+from ndcompile.layers.ndlinear import NdLinear
 
 __all__ = ["LEAD_SOURCE", "emit_ndlinear", "replace_call", "set_submodule"]
 

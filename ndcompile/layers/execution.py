@@ -1,0 +1,137 @@
+"""The NdLinear computation on tensors or FX proxies: the planned contraction, low-rank term, bias.
+
+:func:`apply_ndlinear` runs a layer's planned program plainly, recomputing its
+intermediates in backward (:mod:`ndcompile.ir.autodiff`) or tile by tile on the CPU
+(:mod:`ndcompile.ir.tiled`); :func:`mode_bias` turns the paper's per-mode biases
+into the full bias the contraction adds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ndcompile.ir.autodiff import run_recomputed
+from ndcompile.ir.network import NetworkPlan
+from ndcompile.ir.tiled import run_tiled, should_tile
+
+__all__ = ["apply_ndlinear", "mode_bias"]
+
+
+def mode_bias(
+    biases: Sequence[Tensor],
+    factors: Sequence[Tensor],
+    order: Sequence[int],
+    out_shape: Sequence[int],
+) -> Tensor:
+    """Full bias (flattened) of per-mode biases applied in ``order``.
+
+    Applying mode ``k`` as ``x -> W_k x + b_k`` (``b_k`` broadcast over the other
+    modes) in sequence gives the bias ``sum_t (1 ⊗ .. ⊗ b_{m_t} ⊗ .. ⊗ W_j 1)``:
+    modes applied before ``m_t`` contribute ones, modes applied after it
+    contribute the row sums of their (rank-1) factors.
+
+    Args:
+        biases: ``b_k`` of shape ``(h_k,)`` per mode.
+        factors: Rank-1 factors ``(1, h_k, d_k)`` per mode.
+        order: The order in which the modes are applied.
+        out_shape: ``(h1..hN)``.
+
+    Returns:
+        The bias of shape ``(prod h,)``.
+    """
+    n = len(factors)
+    out_shape = list(out_shape)
+    total = None
+    for t, k in enumerate(order):
+        term = biases[k]
+        view = [1] * n
+        view[k] = out_shape[k]
+        term = term.reshape(view)
+        for j in order[t + 1 :]:
+            rows = factors[j][0].sum(dim=1)
+            shape = [1] * n
+            shape[j] = out_shape[j]
+            term = term * rows.reshape(shape)
+        term = term.expand(out_shape)
+        total = term if total is None else total + term
+    assert total is not None
+    return total.reshape(-1)
+
+
+def apply_ndlinear(
+    x: Any,
+    factors: Sequence[Any],
+    bias: Any,
+    plan: NetworkPlan,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    *,
+    flat_input: bool,
+    lead: Any = None,
+    lowrank: tuple[Any, Any] | None = None,
+    recompute: bool = False,
+    tile: int = 0,
+    text: str = "",
+) -> Any:
+    """The NdLinear computation on tensors or FX proxies.
+
+    Args:
+        x: Input ``(*, prod d)`` if ``flat_input`` else ``(*, d1..dN)``.
+        factors: Factor operands as the plan expects them.
+        bias: Full bias ``(prod h,)`` or None.
+        plan: The planned contraction.
+        in_shape: ``(d1..dN)``.
+        out_shape: ``(h1..hN)``.
+        flat_input: Whether input and output have flattened modes (the ``nn.Linear``
+            convention) rather than N-D modes.
+        lead: The leading (batch) dims of ``x`` when they can be read from another
+            tensor with the same leading dims (so the graph does not query ``x``);
+            default ``x``'s own.
+        lowrank: ``(U, V)`` of a low-rank residual ``U @ V`` added to the weight.
+        recompute: Save only the contraction's inputs for backward and recompute
+            its intermediates there (:mod:`ndcompile.ir.autodiff`); ignored for FX
+            proxies.
+        tile: Batch rows per tile of a tiled contraction (:mod:`ndcompile.ir.tiled`),
+            used on CPU tensors with more than two tiles of rows; 0 never tiles.
+            Tiled runs recompute in backward, so with ``recompute=False`` they are
+            used only where no gradient is taken.
+        text: ``plan.program.to_text()`` (needed when ``tile`` is set).
+
+    Returns:
+        ``(*, prod h)`` if ``flat_input`` else ``(*, h1..hN)``; leading dims as ``x``'s.
+    """
+    if lead is None:
+        lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
+    rows = x.reshape((-1, *in_shape))
+    tiled = bool(text) and should_tile(rows, tile)
+    if tiled and not recompute:
+        tiled = not _needs_grad(rows, factors)
+    saved = not tiled and recompute and isinstance(rows, Tensor) and _needs_grad(rows, factors)
+    # The tiled op and a plain run add the bias (in the last GEMM where it fits, else
+    # in place outside autograd); the recomputing autograd function and FX proxies
+    # leave it to the end.
+    fused_bias = bias if tiled or (isinstance(rows, Tensor) and not saved) else None
+    b = None if fused_bias is None else fused_bias.reshape(out_shape)
+    if tiled:
+        y = run_tiled(text, tile, rows, factors, b)
+    elif saved:
+        y = run_recomputed(plan.program, rows, *factors)
+    else:
+        y = plan.program.run(rows, *factors, bias=b)
+    if lowrank is not None:
+        u, v = lowrank
+        flat = x.reshape((-1, math.prod(in_shape)))
+        y = y + torch.matmul(torch.matmul(flat, v.t()), u.t()).reshape((-1, *out_shape))
+    y = y.reshape(lead + ((math.prod(out_shape),) if flat_input else out_shape))
+    if bias is not None and fused_bias is None:
+        y = y + (bias if flat_input else bias.reshape(out_shape))
+    return y
+
+
+def _needs_grad(rows: Tensor, factors: Sequence[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *factors))
