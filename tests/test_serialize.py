@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ndcompile
-from ndcompile.backends.serialize import FORMAT_VERSION, METADATA_KEY, load, read_metadata, save
+from ndcompile.backends.saved_metadata import FORMAT_VERSION, METADATA_KEY, read_metadata
+from ndcompile.backends.serialize import load, save
 from ndcompile.errors import NdCompileError
 from ndcompile.layers.ndlinear import NdLinear
 
