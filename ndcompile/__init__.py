@@ -18,7 +18,8 @@ from ndcompile.errors import NdCompileError, UntraceableError
 from ndcompile.frontend.inputs import ExampleInputs
 from ndcompile.ir.network import OPTIMIZERS, NetworkPlan, TensorNetwork
 from ndcompile.layers.ndlinear import NdLinear
-from ndcompile.pipeline.convert import MODES, convert, optimize, relative_error
+from ndcompile.pipeline.convert import MODES, convert, relative_error
+from ndcompile.pipeline.graph_rewrite import optimize
 from ndcompile.pipeline.options import ConvertOptions
 from ndcompile.pipeline.weights import empty_weights
 from ndcompile.planner.plan import PlanChoice, plan_ndlinear

@@ -13,7 +13,7 @@ import ndcompile
 from ndcompile import ConvertOptions, NdCompileError
 from ndcompile.cli.inspect import plan_model
 from ndcompile.passes.runner import PassResult, run_passes
-from ndcompile.pipeline import convert as convert_module
+from ndcompile.pipeline import graph_rewrite
 from ndcompile.pipeline.modes import MODE_REGISTRY, get_mode
 
 
@@ -86,7 +86,7 @@ def test_p1_exact_pass_failure_is_an_ndcompile_error(monkeypatch) -> None:
     def broken_pass(gm):  # type: ignore[no-untyped-def]
         raise NdCompileError("region could not be planned")
 
-    monkeypatch.setattr(convert_module, "fuse_contractions", lambda gm, **kw: broken_pass(gm))
+    monkeypatch.setattr(graph_rewrite, "fuse_contractions", lambda gm, **kw: broken_pass(gm))
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     with pytest.raises(NdCompileError, match="pass '<lambda>': region could not be planned"):
         ndcompile.convert(model, torch.randn(2, 64), mode="exact")
