@@ -38,12 +38,9 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from common import format_table, machine_info, peak_memory_mb, write_json  # type: ignore
 
-from ndcompile.compress.kronecker import (
-    nearest_kronecker,
-    plan_mode_shapes,
-    rank_for_tolerance,
-    rearrange,
-)
+from ndcompile.compress.kronecker import nearest_kronecker, rank_for_tolerance
+from ndcompile.compress.kronecker_dense import rearrange
+from ndcompile.compress.kronecker_shapes import plan_mode_shapes
 
 __all__ = ["full_svd_fit", "main", "make_weight", "run_case"]
 

@@ -150,7 +150,7 @@ def bench_layer(name: str, device: torch.device, budget: float) -> dict[str, Any
 
 def _replace_linears(model: nn.Module, rank: int) -> int:
     """Replace every ``nn.Linear`` of 768/3072 features by ``NdLinear(flat=True)``."""
-    from ndcompile.compress.kronecker import plan_mode_shapes
+    from ndcompile.compress.kronecker_shapes import plan_mode_shapes
 
     count = 0
     for parent in list(model.modules()):

@@ -7,7 +7,7 @@ row a token. At 20% and 10% of the dense parameters its Linears are replaced by
 * MLP only: the nearest Kronecker sum of the largest rank within the budget
   (``ndcompile.convert(..., mode="factorize", include=["*mlp*"], rank=R)``);
 * MLP only: the best form at the budget among Kronecker, low-rank and Kronecker +
-  low-rank hybrids (:func:`ndcompile.compress.hybrid.budget_layer`);
+  low-rank hybrids (:func:`ndcompile.compress.hybrid_layers.budget_layer`);
 * every Linear (embedding, attention q/k/v/out projections, MLP and head): Kronecker
   sums whose per-layer ranks share the budget (:func:`budget_ranks`: the layer
   furthest below its share gets the next term while the total fits),
@@ -40,8 +40,8 @@ from digits_ndlinear import accuracy, digits_split, markdown_table, train
 from torch import Tensor, nn
 
 import ndcompile
-from ndcompile.compress.hybrid import budget_layer
-from ndcompile.compress.kronecker import kronecker_params, plan_mode_shapes
+from ndcompile.compress.hybrid_layers import budget_layer
+from ndcompile.compress.kronecker_shapes import kronecker_params, plan_mode_shapes
 from ndcompile.compress.layer_fits import capture_grams
 from ndcompile.frontend.sites import LinearSite, find_linear_sites
 from ndcompile.frontend.trace import propagate_shapes, trace
@@ -116,7 +116,7 @@ def budget_convert(
     """Replace the selected Linears by the best form at ``budget`` (activation-aware).
 
     The same pipeline as ``ndcompile.convert(mode="factorize")`` with
-    :func:`ndcompile.compress.hybrid.budget_layer` as the layer factory.
+    :func:`ndcompile.compress.hybrid_layers.budget_layer` as the layer factory.
     """
     gm = trace(copy.deepcopy(model))
     propagate_shapes(gm, (example,))

@@ -26,7 +26,7 @@ from digits_ndlinear import DigitsMLP, accuracy, digits_split, markdown_table, t
 from torch import nn
 
 import ndcompile
-from ndcompile.compress.kronecker import plan_mode_shapes
+from ndcompile.compress.kronecker_shapes import plan_mode_shapes
 
 __all__ = ["main"]
 

@@ -10,14 +10,13 @@ import torch.fx as fx
 from torch import nn
 
 import ndcompile
+from ndcompile.compress.adapter_linear import NdAdapterLinear
+from ndcompile.compress.adapter_sites import LORA_COMPARISON_RANKS, lora_params
 from ndcompile.compress.adapters import (
-    LORA_COMPARISON_RANKS,
-    NdAdapterLinear,
     adapter_state_dict,
     count_trainable,
     freeze_all_but_adapters,
     load_adapter_state_dict,
-    lora_params,
     merge_adapters,
 )
 from ndcompile.errors import NdCompileError

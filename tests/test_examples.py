@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from ndcompile.compress.adapters import lora_params
+from ndcompile.compress.adapter_sites import lora_params
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

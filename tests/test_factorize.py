@@ -13,17 +13,8 @@ from ndcompile.compress.calibrated import (
     nearest_kronecker_calibrated,
     output_rel_error,
 )
-from ndcompile.compress.kronecker import (
-    KroneckerFit,
-    dense_params,
-    kron_dense,
-    kronecker_params,
-    nearest_kronecker,
-    plan_mode_shapes,
-    rank_for_tolerance,
-    rearrange,
-    unrearrange,
-)
+from ndcompile.compress.kronecker import KroneckerFit, nearest_kronecker, rank_for_tolerance
+from ndcompile.compress.kronecker_dense import kron_dense, rearrange, unrearrange
 from ndcompile.errors import NdCompileError
 
 
@@ -52,42 +43,6 @@ def random_weight(in_shape: tuple[int, ...], out_shape: tuple[int, ...], seed: i
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(a))
-
-
-# --------------------------------------------------------------------------- plan_mode_shapes
-
-
-@pytest.mark.parametrize(
-    ("n", "modes", "expected"),
-    [
-        (768, 2, (24, 32)),
-        (3072, 2, (48, 64)),
-        (4096, 3, (16, 16, 16)),
-        (4096, 2, (64, 64)),
-        (12, 2, (3, 4)),
-        (18, 2, (3, 6)),
-        (8, 3, (2, 2, 2)),
-        (1024, 4, (4, 4, 8, 8)),
-        (5, 1, (5,)),
-        (7, 2, None),  # prime
-        (4099, 3, None),  # prime
-        (4, 3, None),  # too small
-        (1, 1, None),
-        (6, 2, (2, 3)),
-    ],
-)
-def test_plan_mode_shapes(n: int, modes: int, expected: tuple[int, ...] | None) -> None:
-    got = plan_mode_shapes(n, modes)
-    assert got == expected
-    if got is not None:
-        assert math.prod(got) == n and list(got) == sorted(got) and min(got) >= 2
-
-
-def test_plan_mode_shapes_is_cached_and_validates() -> None:
-    assert plan_mode_shapes(768, 2) is plan_mode_shapes(768, 2)
-    assert plan_mode_shapes.cache_info().hits >= 1
-    with pytest.raises(NdCompileError, match="positive"):
-        plan_mode_shapes(0, 2)
 
 
 # --------------------------------------------------------------------------- kron_dense / rearrange
@@ -119,11 +74,6 @@ def test_rearrange_rank1_and_roundtrip(in_shape, out_shape) -> None:
     torch.testing.assert_close(unrearrange(t, in_shape, out_shape), w)
     if len(in_shape) == 2:
         assert torch.linalg.matrix_rank(t).item() == 1
-
-
-def test_param_counts() -> None:
-    assert kronecker_params((24, 32), (48, 64), 4) == 4 * (48 * 24 + 64 * 32)
-    assert dense_params((24, 32), (48, 64)) == 768 * 3072
 
 
 # --------------------------------------------------------------------------- exact recovery

@@ -9,7 +9,7 @@ from torch import nn
 
 import ndcompile
 from ndcompile import NdCompileError, NdLinear
-from ndcompile.compress.adapters import NdAdapterLinear
+from ndcompile.compress.adapter_linear import NdAdapterLinear
 from ndcompile.frontend.capture import capture_linear_calls
 from ndcompile.frontend.inputs import example_inputs
 

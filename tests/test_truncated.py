@@ -12,13 +12,8 @@ from ndcompile.compress.calibrated import (
     nearest_kronecker_calibrated,
     output_rel_error,
 )
-from ndcompile.compress.kronecker import (
-    kron_dense,
-    nearest_kronecker,
-    rank_for_tolerance,
-    rearrange,
-    unrearrange,
-)
+from ndcompile.compress.kronecker import nearest_kronecker, rank_for_tolerance
+from ndcompile.compress.kronecker_dense import kron_dense, rearrange, unrearrange
 from ndcompile.compress.truncated import (
     residual_sq_norm,
     sq_norm,

@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ndcompile.compress.adapters import NdAdapterLinear
+from ndcompile.compress.adapter_linear import NdAdapterLinear
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.capture import is_conv1d
 from ndcompile.frontend.module_sites import conv1d_as_linear

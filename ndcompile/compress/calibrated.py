@@ -20,13 +20,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ndcompile.compress.kronecker import (
-    KroneckerFit,
-    _check_rank,
-    _check_weight,
-    _fit_float64,
-    kron_dense,
-)
+from ndcompile.compress.kronecker import KroneckerFit, _fit_float64, _work_device
+from ndcompile.compress.kronecker_dense import kron_dense
+from ndcompile.compress.kronecker_shapes import _check_rank, _check_weight
 from ndcompile.errors import NdCompileError
 
 __all__ = [
@@ -35,11 +31,6 @@ __all__ = [
     "nearest_kronecker_calibrated",
     "output_rel_error",
 ]
-
-
-def _work_device(t: Tensor) -> torch.device:
-    # MPS has no float64; do the maths on the CPU there.
-    return torch.device("cpu") if t.device.type == "mps" else t.device
 
 
 def accumulate_gram(batches: Iterable[Tensor], in_features: int) -> tuple[Tensor, int]:

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from ndcompile.compress.distill_stats import GramStats, LayerStats, squared_error
-from ndcompile.compress.hybrid import WhitenedMetric
-from ndcompile.compress.kronecker import kron_dense
+from ndcompile.compress.kronecker_dense import kron_dense
+from ndcompile.compress.whitened_metric import WhitenedMetric, refine_hybrid
 from ndcompile.frontend.capture import linear_like
 from ndcompile.frontend.module_sites import conv1d_as_linear
 from ndcompile.layers.execution import mode_bias
@@ -172,20 +172,9 @@ def _refine(fit: _LayerFit, p: dict[str, Tensor], sweeps: int = 5) -> dict[str, 
         factors = metric.kronecker(fit.w, layer.rank, init=factors, n_iter=10)
     else:
         u, v = p["lowrank_u"], p["lowrank_v"]
-        best = metric.error(kron_dense(factors) + u @ v)
-        for _ in range(sweeps):
-            start = best
-            new = metric.kronecker(fit.w - u @ v, layer.rank, init=factors, n_iter=5)
-            err = metric.error(kron_dense(new) + u @ v)
-            if err < best:
-                factors, best = new, err
-            kd = kron_dense(factors)
-            new_u, new_v = metric.lowrank(fit.w - kd, layer.lowrank)
-            err = metric.error(kd + new_u @ new_v)
-            if err < best:
-                u, v, best = new_u, new_v, err
-            if best > start * (1 - 1e-6):
-                break
+        factors, u, v, _ = refine_hybrid(
+            metric, fit.w, factors, u, v, layer.rank, layer.lowrank, sweeps=sweeps, n_iter=5
+        )
         out["lowrank_u"], out["lowrank_v"] = u, v
     out.update({f"factors.{i}": f for i, f in enumerate(factors)})
     return out

@@ -1,7 +1,7 @@
 """Two-mode Kronecker fits from the leading singular triplets of the rearranged matrix.
 
 For N = 2 the best rank-R Kronecker sum is the rank-R truncated SVD of the
-Van Loan–Pitsianis rearrangement (:func:`ndcompile.compress.kronecker.rearrange`).
+Van Loan–Pitsianis rearrangement (:func:`ndcompile.compress.kronecker_dense.rearrange`).
 Only its top R triplets are needed; :func:`ndcompile.compress.truncated.truncated_svd`
 finds them (a full SVD for small layers) and the errors follow from the spectrum,
 measured directly where the energy formula would cancel. Used by
@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ndcompile.compress.kronecker import KroneckerFit, _work_device, rearrange
+from ndcompile.compress.kronecker import KroneckerFit, _work_device
+from ndcompile.compress.kronecker_dense import rearrange
 from ndcompile.compress.truncated import (
     TruncatedSVD,
     residual_sq_norm,

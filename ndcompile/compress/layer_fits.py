@@ -21,13 +21,9 @@ from ndcompile.compress.calibrated import (
     nearest_kronecker_calibrated,
     output_rel_error,
 )
-from ndcompile.compress.kronecker import (
-    KroneckerFit,
-    kron_dense,
-    kronecker_params,
-    nearest_kronecker,
-    rank_for_tolerance,
-)
+from ndcompile.compress.kronecker import KroneckerFit, nearest_kronecker, rank_for_tolerance
+from ndcompile.compress.kronecker_dense import kron_dense
+from ndcompile.compress.kronecker_shapes import kronecker_params
 from ndcompile.compress.truncated import truncated_svd
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.inputs import example_inputs

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ndcompile.compress.kronecker import plan_mode_shapes
+from ndcompile.compress.kronecker_shapes import plan_mode_shapes
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.trace import node_shape
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ndcompile.compress.hybrid import budget_layer
+from ndcompile.compress.hybrid_layers import budget_layer
 from ndcompile.compress.layer_fits import factorized_layer
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.sites import LinearSite
@@ -167,7 +167,7 @@ class AdapterMode(Mode):
     def make_layer(
         self, site: LinearSite, entry: LayerReport, opts: ConvertOptions, data: FitData
     ) -> nn.Module:
-        from ndcompile.compress.adapters import adapter_for_site
+        from ndcompile.compress.adapter_sites import adapter_for_site
 
         return adapter_for_site(
             site,

@@ -32,12 +32,8 @@ import torch.fx as fx
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from ndcompile.compress.kronecker import (
-    KroneckerFit,
-    nearest_kronecker,
-    plan_mode_shapes,
-    rank_for_tolerance,
-)
+from ndcompile.compress.kronecker import KroneckerFit, nearest_kronecker, rank_for_tolerance
+from ndcompile.compress.kronecker_shapes import plan_mode_shapes
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.sites import order_like
 from ndcompile.ir.network import NetworkPlan, TensorNetwork
