@@ -26,7 +26,8 @@ from ndcompile.compress.kronecker_dense import kronecker_sum
 from ndcompile.compress.kronecker_shapes import plan_mode_shapes
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.sites import order_like
-from ndcompile.layers.ndlinear import NdLinear, apply_ndlinear
+from ndcompile.layers.execution import apply_ndlinear
+from ndcompile.layers.ndlinear import NdLinear
 
 __all__ = ["COMPUTE_MODES", "NdAdapterLinear"]
 
