@@ -299,3 +299,66 @@ def test_partially_converted_round_trip(tmp_path: Path) -> None:
     assert isinstance(restored.get_submodule("block.fc"), NdLinear)
     with torch.no_grad():
         assert torch.allclose(restored(x), gm(x), atol=1e-6)
+
+
+def test_tied_weights_are_written_once_and_stay_tied(tmp_path: Path) -> None:
+    gm, x = _convert("tied", mode="fresh", rank=2)
+    path = save(gm, tmp_path / "m.safetensors")
+    written = load_file(str(path))
+    aliases = read_metadata(path)["aliases"]
+    assert len(aliases) == 1
+    ((alias, key),) = aliases.items()
+    assert {alias, key} == {"enc.weight", "dec.weight"}
+    assert alias not in written and key in written
+    restored = load(path, Tied())
+    assert restored.get_submodule("dec").weight is restored.get_submodule("enc").weight
+    assert torch.equal(restored(x), gm(x))
+
+
+def test_version_1_files_without_aliases_load(tmp_path: Path) -> None:
+    """Files of format version 1 wrote every tied tensor itself and had no aliases."""
+    gm, x = _convert("tied", mode="fresh", rank=2)
+
+    def as_version_1(t: dict, m: dict) -> None:
+        for alias, key in m.pop("aliases").items():
+            t[alias] = t[key].clone()
+        m["format_version"] = 1
+
+    path = _rewrite(save(gm, tmp_path / "m.safetensors"), as_version_1)
+    assert torch.equal(load(path, Tied())(x), gm(x))
+
+
+def test_an_alias_to_nothing_is_a_clear_error(tmp_path: Path) -> None:
+    gm, _ = _convert("tied", mode="fresh", rank=2)
+
+    def broken(t: dict, m: dict) -> None:
+        m["aliases"] = {"dec.weight": "no.such.tensor"}
+
+    path = _rewrite(save(gm, tmp_path / "m.safetensors"), broken)
+    with pytest.raises(NdCompileError, match="does not name a written tensor"):
+        load(path, Tied())
+
+
+def test_module_output_with_tied_embedding_round_trips(tmp_path: Path) -> None:
+    """A module-surgery conversion whose head is tied to its embedding (GPT-2 style)."""
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 32)
+            self.mix = nn.Linear(32, 64)
+            self.back = nn.Linear(64, 32)
+            self.head = nn.Linear(32, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.back(torch.relu(self.mix(self.emb(ids)))))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (3, 7))
+    converted = ndcompile.convert(TiedLM(), ids, mode="fresh")
+    path = save(converted, tmp_path / "m.safetensors", example_input=ids)
+    assert read_metadata(path)["aliases"] == {"head.weight": "emb.weight"}
+    restored = load(path, TiedLM(), ids)
+    assert restored.head.weight is restored.emb.weight
+    assert torch.equal(restored(ids), converted(ids))

@@ -37,9 +37,10 @@ __all__ = [
 #: Identifies ndcompile files.
 FORMAT = "ndcompile.safetensors"
 #: Version of the metadata layout written by :func:`ndcompile.save`.
-FORMAT_VERSION = 1
+#: Version 2 adds "aliases" (state-dict keys of tied tensors, written once).
+FORMAT_VERSION = 2
 #: Versions :func:`ndcompile.load` understands.
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)
 #: The safetensors metadata key holding the JSON description.
 METADATA_KEY = "ndcompile"
 

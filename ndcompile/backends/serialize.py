@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +59,59 @@ from ndcompile.report import ConversionReport, report_of
 __all__ = ["load", "save"]
 
 
-def _tensors(converted: nn.Module) -> dict[str, Tensor]:
-    """The state dict as contiguous CPU tensors; tied entries get their own copy."""
+def _tensors(converted: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state dict as contiguous CPU tensors, each shared tensor written once.
+
+    A key whose tensor is exactly an earlier key's (tied weights: same storage,
+    offset, shape and strides) becomes an alias of it. Keys that only overlap
+    another's memory (different views) get their own copy.
+
+    Returns:
+        ``(tensors, aliases)``: the tensors to write, and alias key -> written key.
+    """
     out: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
     storages: set[int] = set()
-    for key, value in converted.state_dict().items():
-        t = value.detach().cpu().contiguous()
+    for key, value in converted.state_dict(keep_vars=True).items():
+        value = value.detach()
+        if value.numel():
+            ident = (
+                value.device,
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+                value.dtype,
+            )
+            if ident in seen:
+                aliases[key] = seen[ident]
+                continue
+            seen[ident] = key
+        t = value.cpu().contiguous()
         ptr = t.untyped_storage().data_ptr()
         if t.numel() and ptr in storages:
             t = t.clone()
         storages.add(t.untyped_storage().data_ptr())
         out[key] = t
-    return out
+    return out, aliases
+
+
+def _expand_aliases(
+    meta: Mapping[str, Any], tensors: dict[str, Tensor], where: str
+) -> dict[str, Tensor]:
+    """``tensors`` with every alias the metadata records pointing at its written tensor."""
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise NdCompileError(f"{where!r}: metadata 'aliases' is not a mapping")
+    for alias, key in aliases.items():
+        if not isinstance(alias, str) or key not in tensors or alias in tensors:
+            raise NdCompileError(
+                f"{where!r}: alias {alias!r} -> {key!r} does not name a written tensor",
+                hint="the file is inconsistent (edited or truncated); save it again",
+            )
+        tensors[alias] = tensors[key]
+    return tensors
 
 
 def save(converted: nn.Module, path: str | os.PathLike, *, example_input: Any = None) -> Path:
@@ -125,7 +167,8 @@ def save(converted: nn.Module, path: str | os.PathLike, *, example_input: Any = 
         "report": report.to_dict(),
     }
     dest = Path(path)
-    tensors, metadata = _tensors(converted), {METADATA_KEY: json.dumps(meta, default=str)}
+    tensors, meta["aliases"] = _tensors(converted)
+    metadata = {METADATA_KEY: json.dumps(meta, default=str)}
     atomic_write(
         dest, lambda tmp: import_safetensors().save_file(tensors, os.fspath(tmp), metadata=metadata)
     )
@@ -156,7 +199,7 @@ def load(path: str | os.PathLike, model: nn.Module, example_input: Any = None) -
     """
     where = os.fspath(path)
     meta = read_metadata(where)
-    tensors = import_safetensors().load_file(where)
+    tensors = _expand_aliases(meta, import_safetensors().load_file(where), where)
     if meta.get("output") == "module":
         return restore_module(meta, tensors, model, where)
     check_tensors(meta, tensors, where)
