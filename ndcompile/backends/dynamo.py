@@ -31,6 +31,7 @@ from typing import Any, cast
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ndcompile.errors import NdCompileError
@@ -169,28 +170,28 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
     )
 
 
-#: Calls that apply attention projections from fused weights, by the name reported.
-_FUSED_ATTENTION = {
-    "torch._transformer_encoder_layer_fwd": "nn.TransformerEncoderLayer's fast path",
-    "torch._native_multi_head_attention": "nn.MultiheadAttention's fast path",
-    "F.multi_head_attention_forward": "nn.MultiheadAttention",
+#: Calls that apply attention projections from fused weights -> how the report names them.
+_FUSED_ATTENTION: dict[Any, str] = {
+    F.multi_head_attention_forward: "nn.MultiheadAttention (F.multi_head_attention_forward)",
+    **{
+        getattr(torch, name): f"{what} (torch.{name})"
+        for name, what in (
+            ("_transformer_encoder_layer_fwd", "nn.TransformerEncoderLayer's fast path"),
+            ("_native_multi_head_attention", "nn.MultiheadAttention's fast path"),
+        )
+        if hasattr(torch, name)
+    },
 }
 
 
 def _fused_attention_calls(gm: fx.GraphModule) -> list[str]:
-    """What of :data:`_FUSED_ATTENTION` the graph calls, each with its count."""
-    targets: dict[Any, str] = {
-        torch.nn.functional.multi_head_attention_forward: "F.multi_head_attention_forward"
-    }
-    for name in ("_transformer_encoder_layer_fwd", "_native_multi_head_attention"):
-        if hasattr(torch, name):
-            targets[getattr(torch, name)] = f"torch.{name}"
+    """The :data:`_FUSED_ATTENTION` calls of the graph, each with its count."""
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in targets:
-            key = targets[node.target]
-            counts[key] = counts.get(key, 0) + 1
-    return [f"{n} call(s) of {_FUSED_ATTENTION[k]} ({k})" for k, n in counts.items()]
+        what = _FUSED_ATTENTION.get(node.target) if node.op == "call_function" else None
+        if what is not None:
+            counts[what] = counts.get(what, 0) + 1
+    return [f"{n} call(s) of {what}" for what, n in counts.items()]
 
 
 def rewrite_dynamo_graph(
