@@ -102,6 +102,23 @@ def test_vjp_computes_only_wanted_gradients(wanted: tuple[bool, ...]) -> None:
         torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_vjp_schedule_is_reused_per_shape_and_flags() -> None:
+    nd = NdLinear((6, 8), (4, 5), 2, dtype=torch.float64)
+    program = nd.plan().program
+    factors = [f.detach() for f in nd.factors]
+    # One program, alternating shapes and flags: each call must use its own schedule.
+    for rows, wanted in [(3, WANTED[0]), (5, WANTED[1]), (3, WANTED[1]), (5, WANTED[0])]:
+        operands = [torch.randn(rows, 6, 8, dtype=torch.float64), *factors]
+        leaves = [t.clone().requires_grad_(w) for t, w in zip(operands, wanted, strict=True)]
+        y = program.run(*leaves)
+        g = torch.randn_like(y)
+        refs = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], g)
+        got = [v for v in program_vjp(program, operands, g, wanted) if v is not None]
+        assert len(got) == len(refs)
+        for value, ref in zip(got, refs, strict=True):
+            torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_register_shapes_match_the_run() -> None:
     nd = NdLinear((4, 6, 5), (3, 2, 7), 3)
     program = nd.plan().program

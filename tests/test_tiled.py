@@ -87,6 +87,27 @@ def test_opcheck_of_the_custom_op():
     torch.library.opcheck(tiled_contract, args)
 
 
+@pytest.mark.parametrize("bias_shape", [(12, 10), (1, 12, 10), (10,), None])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_tiled_bias_gradient_is_summed_per_tile(bias_shape, x_grad):
+    layer = NdLinear((6, 8), (12, 10), rank=2, tile=16, dtype=torch.float64)
+    x = torch.randn(50, 6, 8, dtype=torch.float64, requires_grad=x_grad)
+    factors = [f.detach().requires_grad_() for f in layer.factor_operands()]
+    text = layer.plan().program.to_text()
+    bias = None if bias_shape is None else torch.randn(bias_shape, dtype=torch.float64)
+    if bias is not None:
+        bias.requires_grad_()
+    y = tiled_contract(x, factors, bias, text, 16)
+    want = layer.plan().program.run(x, *factors) + (0 if bias is None else bias)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    leaves = [t for t in (x, *factors, bias) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(y, leaves, g)
+    refs = torch.autograd.grad(want, leaves, g)
+    for value, ref in zip(got, refs, strict=True):
+        torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_compile_keeps_the_op_and_export_gets_plain_ops():
     tiled, whole = _pair((6, 8), (12, 10), 2, tile=16, dtype=torch.float32)
     x = torch.randn(64, 6, 8, requires_grad=True)

@@ -20,6 +20,7 @@ Backward of each instruction (``g`` is the gradient of its output):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -165,6 +166,75 @@ def _accumulate(grads: dict[int, Tensor], reg: int, value: Tensor) -> None:
     grads[reg] = grads[reg] + value if reg in grads else value
 
 
+@dataclass(frozen=True)
+class _VjpSchedule:
+    """What :func:`program_vjp` derives from a program, its operand shapes and ``needs_grad``."""
+
+    grad_regs: frozenset[int]
+    shapes: dict[int, Shape]
+    recompute: tuple[int, ...]  # instructions to rerun, in order
+    unread: tuple[int, ...]  # recomputed registers no matmul reads (dropped at once)
+    drop_after: dict[int, tuple[int, ...]]  # backward step -> registers it frees
+    sink: tuple[int, int] | None  # where operand 0's gradient can be written in place
+
+
+def _schedule(
+    program: ContractionProgram, shapes_in: Sequence[Shape], needs_grad: Sequence[bool], sink: bool
+) -> _VjpSchedule:
+    grad_regs = {k for k, wanted in enumerate(needs_grad) if wanted}
+    for ins in program.instructions:
+        if grad_regs.intersection(ins.srcs):
+            grad_regs.add(ins.out)
+    needed = _needed_values(program, grad_regs)
+    recompute = tuple(k for k, ins in enumerate(program.instructions) if ins.out in needed)
+    # Backward reads recomputed values in matmul gradients only. Drop each one once
+    # the first matmul reading it (the last one backward reaches) is done, and drop
+    # those no matmul reads (inputs of other recomputed values, kept alive by their
+    # views) right away, so backward holds as little as it can at once.
+    first_read: dict[int, int] = {}
+    for i, ins in enumerate(program.instructions):
+        if ins.op == "matmul":
+            for r in ins.srcs:
+                first_read.setdefault(r, i)
+    drop_after: dict[int, list[int]] = {}
+    unread: list[int] = []
+    for k in recompute:
+        r = program.instructions[k].out
+        if r in first_read:
+            drop_after.setdefault(first_read[r] - 1, []).append(r)
+        else:
+            unread.append(r)
+    return _VjpSchedule(
+        grad_regs=frozenset(grad_regs),
+        shapes=register_shapes(program, shapes_in),
+        recompute=recompute,
+        unread=tuple(unread),
+        drop_after={i: tuple(rs) for i, rs in drop_after.items()},
+        sink=_input_sink(program) if sink and needs_grad[0] else None,
+    )
+
+
+#: Schedules by program identity, operand shapes and flags, each next to its program:
+#: the cache holds the program alive, so its ``id`` is not reused while cached.
+#: Programs are not changed once lowered; the tiled op reruns one on every tile.
+_SCHEDULES: dict[tuple[Any, ...], tuple[ContractionProgram, _VjpSchedule]] = {}
+
+
+def _cached_schedule(
+    program: ContractionProgram, shapes_in: list[Shape], needs_grad: Sequence[bool], sink: bool
+) -> _VjpSchedule:
+    symbolic = not all(isinstance(d, int) for s in shapes_in for d in s)
+    if symbolic or torch.compiler.is_compiling():  # traced once: nothing to save
+        return _schedule(program, shapes_in, needs_grad, sink)
+    key = (id(program), tuple(shapes_in), tuple(bool(n) for n in needs_grad), sink)
+    found = _SCHEDULES.get(key)
+    if found is None:
+        if len(_SCHEDULES) >= 1024:
+            _SCHEDULES.clear()
+        found = _SCHEDULES[key] = (program, _schedule(program, shapes_in, needs_grad, sink))
+    return found[1]
+
+
 def program_vjp(
     program: ContractionProgram,
     operands: Sequence[Tensor],
@@ -186,35 +256,19 @@ def program_vjp(
     Returns:
         One gradient per operand (None where not wanted).
     """
-    grad_regs = {k for k, wanted in enumerate(needs_grad) if wanted}
-    for ins in program.instructions:
-        if grad_regs.intersection(ins.srcs):
-            grad_regs.add(ins.out)
-    shapes = register_shapes(program, [t.shape for t in operands])
-    needed = _needed_values(program, grad_regs)
+    plan = _cached_schedule(
+        program, [tuple(t.shape) for t in operands], needs_grad, input_out is not None
+    )
+    grad_regs, shapes, sink = plan.grad_regs, plan.shapes, plan.sink
     regs: dict[int, Tensor] = dict(enumerate(operands))
-    for ins in program.instructions:
-        if ins.out in needed:
-            regs[ins.out] = _execute(ins, regs)
-    # Backward reads recomputed values in matmul gradients only. Drop each one once
-    # the first matmul reading it (the last one backward reaches) is done, and drop
-    # those no matmul reads (inputs of other recomputed values, kept alive by their
-    # views) right away, so backward holds as little as it can at once.
-    first_read: dict[int, int] = {}
-    for i, ins in enumerate(program.instructions):
-        if ins.op == "matmul":
-            for r in ins.srcs:
-                first_read.setdefault(r, i)
-    drop_after: dict[int, list[int]] = {}
-    for r in [r for r in regs if r >= len(operands)]:
-        if r in first_read:
-            drop_after.setdefault(first_read[r], []).append(r)
-        else:
-            del regs[r]
-    sink = _input_sink(program) if input_out is not None and needs_grad[0] else None
+    for k in plan.recompute:
+        ins = program.instructions[k]
+        regs[ins.out] = _execute(ins, regs)
+    for r in plan.unread:
+        del regs[r]
     grads: dict[int, Tensor] = {program.result: grad_output}
     for i in reversed(range(len(program.instructions))):
-        for r in drop_after.get(i + 1, ()):
+        for r in plan.drop_after.get(i, ()):
             del regs[r]
         ins = program.instructions[i]
         g = grads.pop(ins.out, None)

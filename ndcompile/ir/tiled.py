@@ -223,10 +223,11 @@ def _tiled_contract_fake(
 def _tiled_contract_backward(
     grad: Tensor, x: Tensor, factors: list[Tensor], program: str, tile: int, needs: list[bool]
 ) -> list[Tensor]:
-    """Gradients of :func:`tiled_contract` for ``x`` and each factor, tile by tile.
+    """Gradients of :func:`tiled_contract` for ``x``, each factor and the bias, tile by tile.
 
     Each tile's intermediates are recomputed from its rows (:func:`program_vjp`);
-    the factors' gradients are summed over the tiles.
+    the factors' gradients, and the bias's (the gradient summed over the rows, while
+    a tile of it is in cache), are summed over the tiles.
 
     Args:
         grad: Gradient of the result.
@@ -234,30 +235,39 @@ def _tiled_contract_backward(
         factors: The forward's factors.
         program: The program's text.
         tile: Rows per tile.
-        needs: Per operand (``x``, then each factor), whether its gradient is wanted.
+        needs: Per operand (``x``, then each factor), whether its gradient is wanted;
+            one more flag, when present, for the bias.
 
     Returns:
-        One gradient per operand; an empty tensor where none is wanted.
+        One gradient per operand, then (when ``needs`` has the bias's flag) the
+        gradient summed over the rows, of one result row's shape; an empty tensor
+        where none is wanted.
     """
     prog = _program(program)
+    n = 1 + len(factors)
     dx = empty_like_rows(x, x.shape) if needs[0] else x.new_empty(0)
     dfactors: list[Tensor | None] = [None] * len(factors)
+    drows = grad.new_zeros(grad.shape[1:]) if len(needs) > n and needs[n] else None
     for start in range(0, x.shape[0], tile):
         stop = start + tile
         rows = dx[start:stop] if needs[0] else None
-        grads = program_vjp(prog, [x[start:stop], *factors], grad[start:stop], needs, rows)
+        grads = program_vjp(prog, [x[start:stop], *factors], grad[start:stop], needs[:n], rows)
         if rows is not None and grads[0] is not None and grads[0].data_ptr() != rows.data_ptr():
             rows.copy_(grads[0])
         for k, g in enumerate(grads[1:]):
             if g is not None:
                 acc = dfactors[k]
                 dfactors[k] = g.clone() if acc is None else acc.add_(g)
+        if drows is not None:
+            drows.add_(grad[start:stop].sum(0))
     out = [dx]
     for k, f in enumerate(factors):
         acc = dfactors[k]
         if acc is None:
             acc = f.new_zeros(f.shape) if needs[k + 1] else f.new_empty(0)
         out.append(acc.contiguous())
+    if len(needs) > n:
+        out.append(grad.new_empty(0) if drows is None else drows)
     return out
 
 
@@ -278,7 +288,10 @@ def _tiled_contract_backward_fake(
     grad: Tensor, x: Tensor, factors: list[Tensor], program: str, tile: int, needs: list[bool]
 ) -> list[Tensor]:
     out = [x.new_empty(x.shape) if needs[0] else x.new_empty(0)]
-    out += [f.new_empty(f.shape if n else 0) for f, n in zip(factors, needs[1:], strict=True)]
+    flags = needs[1 : 1 + len(factors)]
+    out += [f.new_empty(f.shape if n else 0) for f, n in zip(factors, flags, strict=True)]
+    if len(needs) > 1 + len(factors):
+        out.append(grad.new_empty(grad.shape[1:] if needs[-1] else 0))
     return out
 
 
@@ -301,15 +314,22 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
             flags.extend(bool(f) for f in flag)
         else:
             flags.append(bool(flag))
-    needs = flags[: 1 + n]
+    bias_shape = ctx.bias_shape  # type: ignore[attr-defined]
+    wants_bias = bias_shape is not None and flags[1 + n]
+    needs = flags[: 1 + n] + ([True] if wants_bias else [])
     grads = tiled_contract_backward(grad, x, factors, ctx.program, ctx.tile, needs)  # type: ignore[attr-defined]
     dx = grads[0] if needs[0] else None
-    dfactors = [g if wanted else None for g, wanted in zip(grads[1:], needs[1:], strict=True)]
-    dbias = None
-    bias_shape = ctx.bias_shape  # type: ignore[attr-defined]
-    if bias_shape is not None and flags[1 + n]:
-        dbias = grad.sum_to_size(bias_shape)
+    wanted = needs[1 : 1 + n]
+    dfactors = [g if w else None for g, w in zip(grads[1 : 1 + n], wanted, strict=True)]
+    dbias = _summed_to(grads[1 + n], bias_shape) if wants_bias else None
     return dx, dfactors, dbias, None, None
+
+
+def _summed_to(row_grad: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The rows' summed gradient ``(h1..hN)`` summed to a bias of ``shape`` (broadcast to a row)."""
+    if len(shape) > row_grad.dim():
+        row_grad = row_grad.reshape((1,) * (len(shape) - row_grad.dim()) + tuple(row_grad.shape))
+    return row_grad.sum_to_size(shape)
 
 
 tiled_contract.register_autograd(_backward, setup_context=_setup_context)
