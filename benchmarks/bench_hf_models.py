@@ -29,7 +29,7 @@ after a warm-up call and with the heap trimmed first, as ``bench_models.py`` doe
 what the tensors need, whatever the allocator keeps); the relative output error against dense
 (``factorize`` only: ``fresh`` layers are new random weights); and speedups vs dense.
 The variants of a model are timed together, interleaved phase by phase
-(``common.time_interleaved``), so load from other processes hits them alike. A
+(``timing.time_interleaved``), so load from other processes hits them alike. A
 variant ``torch.compile`` fails on keeps its eager numbers and records the error.
 
 With ``--threads`` above the cores that are actually idle, eager latencies are
@@ -48,44 +48,50 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 try:
-    from benchmarks.bench_models import _phases, _rel_err, static_measures, time_models
+    from benchmarks.bench_models import static_measures, time_models
     from benchmarks.common import (
-        Timing,
-        format_table,
+        add_machine_options,
         machine_info,
         pick_device,
         setup_torch,
-        time_interleaved,
         write_json,
     )
+    from benchmarks.hf_conversion import VARIANTS, convert_variants, output_errors
+    from benchmarks.hf_model_specs import MODELS, HFModelSpec, Sizes, TensorOutput
+    from benchmarks.hf_tables import compile_errors, results_table
+    from benchmarks.hf_timing import speedups, time_compiled
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from bench_models import (  # type: ignore[no-redef]
-        _phases,
-        _rel_err,
-        static_measures,
-        time_models,
-    )
+    from bench_models import static_measures, time_models  # type: ignore[no-redef]
     from common import (  # type: ignore[no-redef]
-        Timing,
-        format_table,
+        add_machine_options,
         machine_info,
         pick_device,
         setup_torch,
-        time_interleaved,
         write_json,
     )
+    from hf_conversion import (  # type: ignore[no-redef]
+        VARIANTS,
+        convert_variants,
+        output_errors,
+    )
+    from hf_model_specs import (  # type: ignore[no-redef]
+        MODELS,
+        HFModelSpec,
+        Sizes,
+        TensorOutput,
+    )
+    from hf_tables import compile_errors, results_table  # type: ignore[no-redef]
+    from hf_timing import speedups, time_compiled  # type: ignore[no-redef]
 
-import ndcompile
-from ndcompile.report import ConversionReport, format_count, report_of
 
 __all__ = [
     "MODELS",
@@ -101,319 +107,6 @@ __all__ = [
     "speedups",
     "time_compiled",
 ]
-
-#: Conversion keyword arguments per variant (``None``: the dense model itself).
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "dense": None,
-    "fresh r1": {"mode": "fresh", "rank": 1},
-    "fresh r4": {"mode": "fresh", "rank": 4},
-    "factorize r4": {"mode": "factorize", "rank": 4},
-}
-
-#: Timed phases: (record key prefix, ``_phases`` index, compiled).
-PHASES = (
-    ("eager_fwd", 0, False),
-    ("eager_train", 1, False),
-    ("compiled_fwd", 0, True),
-    ("compiled_train", 1, True),
-)
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Transformer sizes of one benchmark model.
-
-    Attributes:
-        hidden: Hidden size.
-        intermediate: MLP hidden size.
-        heads: Attention (query) heads.
-        kv_heads: Key-value heads (decoders; encoders use ``heads``).
-        layers: Transformer layers.
-        vocab: Vocabulary size (small, so embeddings do not dominate the parameters).
-        batch: Sequences per batch.
-        seq: Tokens per sequence.
-    """
-
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    layers: int
-    vocab: int
-    batch: int
-    seq: int
-
-
-def _bert(s: Sizes) -> nn.Module:
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_attention_heads=s.heads,
-        num_hidden_layers=s.layers,
-        vocab_size=s.vocab,
-        max_position_embeddings=max(512, s.seq),
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertModel(config, add_pooling_layer=False)
-
-
-def _llama(s: Sizes) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_attention_heads=s.heads,
-        num_key_value_heads=s.kv_heads,
-        num_hidden_layers=s.layers,
-        vocab_size=s.vocab,
-        max_position_embeddings=max(512, s.seq),
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
-        use_cache=False,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config)
-
-
-@dataclass(frozen=True)
-class HFModelSpec:
-    """A benchmark model: its builder, the output field timed, full and quick sizes."""
-
-    name: str
-    build: Callable[[Sizes], nn.Module]
-    output: str
-    full: Sizes
-    quick: Sizes
-
-    def describe(self, s: Sizes) -> str:
-        """One line of the model's sizes."""
-        heads = f"{s.heads} heads" if s.kv_heads == s.heads else f"{s.heads}/{s.kv_heads} heads"
-        return (
-            f"{self.name}: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, "
-            f"{heads}, vocab {s.vocab}, batch {s.batch} x seq {s.seq}, output {self.output}"
-        )
-
-
-MODELS: dict[str, HFModelSpec] = {
-    "bert": HFModelSpec(
-        "bert",
-        _bert,
-        "last_hidden_state",
-        full=Sizes(768, 3072, 12, 12, layers=2, vocab=1024, batch=8, seq=128),
-        quick=Sizes(64, 128, 2, 2, layers=1, vocab=96, batch=2, seq=16),
-    ),
-    "llama": HFModelSpec(
-        "llama",
-        _llama,
-        "logits",
-        full=Sizes(768, 2048, 12, 4, layers=2, vocab=1024, batch=4, seq=128),
-        quick=Sizes(64, 128, 4, 2, layers=1, vocab=96, batch=2, seq=16),
-    ),
-}
-
-
-class TensorOutput(nn.Module):
-    """A Hugging Face model called on ``input_ids``, returning one tensor of its output.
-
-    This gives the models the ``model(x) -> Tensor`` form that ``bench_models``'
-    helpers (FLOPs, phases, memory, timing) expect.
-    """
-
-    def __init__(self, model: nn.Module, field: str) -> None:
-        super().__init__()
-        self.model = model
-        self.field = field
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return getattr(self.model(input_ids=input_ids), self.field)
-
-
-def _linear_params(model: nn.Module) -> dict[str, int]:
-    """Parameters (weight and bias) of every ``nn.Linear`` of ``model``, by name."""
-    return {
-        name: sum(p.numel() for p in m.parameters(recurse=False))
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-    }
-
-
-def _conversion_summary(
-    dense: nn.Module, report: ConversionReport, seconds: float
-) -> dict[str, Any]:
-    """Layers converted, their share of the Linear parameters, and the report."""
-    linear = _linear_params(dense)
-    done = sum(linear.get(e.name, e.params_before) for e in report.converted)
-    return {
-        "convert_s": seconds,
-        "layers_converted": len(report.converted),
-        "layers_found": len(report.layers),
-        "linear_layers": len(linear),
-        "linear_param_share": done / max(sum(linear.values()), 1),
-        "report_output_rel_error": report.output_rel_error,
-        "report": report.to_dict(),
-    }
-
-
-def convert_variants(
-    dense: nn.Module, ids: Tensor, names: Sequence[str], seed: int
-) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
-    """The model of every variant, and what each conversion did.
-
-    Args:
-        dense: The dense model.
-        ids: Example ``input_ids`` (the benchmark's input).
-        names: Variants (keys of :data:`VARIANTS`).
-        seed: Seed set before every conversion (fresh layers are random).
-
-    Returns:
-        ``(models, summaries)`` by variant name.
-    """
-    models: dict[str, nn.Module] = {}
-    info: dict[str, dict[str, Any]] = {}
-    for name in names:
-        kwargs = VARIANTS[name]
-        if kwargs is None:
-            models[name], info[name] = dense, {}
-            continue
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        models[name] = ndcompile.convert(dense, {"input_ids": ids}, **kwargs).eval()
-        seconds = time.perf_counter() - start
-        info[name] = _conversion_summary(dense, report_of(models[name]), seconds)
-        print(f"  {name}: {_conversion_line(info[name])}", flush=True)
-    return models, info
-
-
-def _conversion_line(info: Mapping[str, Any]) -> str:
-    report = info["report"]
-    return (
-        f"{info['layers_converted']}/{info['linear_layers']} Linear layers converted "
-        f"({info['linear_param_share']:.0%} of Linear params), params "
-        f"{report['params_before']:,} -> {report['params_after']:,}, "
-        f"convert {info['convert_s']:.1f} s"
-    )
-
-
-def _error_text(exc: BaseException, limit: int = 2000) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _store(side: dict[str, Any], label: str, t: Timing) -> None:
-    side[f"{label}_ms"] = t.median_ms
-    side[f"{label}_iqr_ms"] = t.iqr_ms
-    side[f"{label}_min_ms"] = t.min_ms
-
-
-def _recompile_room(n_models: int) -> Any:
-    """A dynamo config patch with room for every variant's forward and training graph.
-
-    The recompile limit counts graphs per code object, and every variant runs the
-    same ``forward`` code (default limit 8: exactly four variants).
-    """
-    config = torch._dynamo.config
-    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    return config.patch({key: max(getattr(config, key), 4 * n_models + 8)})
-
-
-def _compile_all(
-    models: Mapping[str, nn.Module], x: Tensor, out: dict[str, dict[str, Any]]
-) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
-    """Compile every model (first call: forward); failures go to ``out[name]["compile_error"]``."""
-    runs = {}
-    for name, model in models.items():
-        try:
-            compiled = torch.compile(model, backend="inductor", dynamic=False)
-            with torch.no_grad():
-                ref, start = model(x), time.perf_counter()
-                got = compiled(x)
-                out[name]["compile_fwd_s"] = time.perf_counter() - start
-                out[name]["compiled_rel_err"] = _rel_err(ref, got)
-        except Exception as exc:  # a compile failure is a result, not a crash
-            out[name]["compile_error"] = f"compiled_fwd: {_error_text(exc)}"
-            continue
-        runs[name] = _phases(compiled, x)  # type: ignore[arg-type]
-    return runs
-
-
-def _time_phase(
-    fns: Mapping[str, Callable[[], None]],
-    label: str,
-    out: dict[str, dict[str, Any]],
-    device: torch.device,
-    time_kw: Mapping[str, Any],
-) -> None:
-    def on_error(name: str, exc: BaseException) -> None:
-        out[name]["compile_error"] = f"{label}: {_error_text(exc)}"
-
-    for name, t in time_interleaved(fns, device, on_error=on_error, **time_kw).items():
-        _store(out[name], label, t)
-
-
-def time_compiled(
-    models: Mapping[str, nn.Module],
-    x: Tensor,
-    device: torch.device,
-    time_kw: Mapping[str, Any],
-) -> dict[str, dict[str, Any]]:
-    """Compiled forward and training-step latencies, interleaved across the models.
-
-    Like ``bench_models.time_models`` with ``compile_=True``, except that a model
-    ``torch.compile`` fails on (while compiling or running either phase) is dropped
-    from the later phases and its error text stored as ``compile_error``.
-
-    Args:
-        models: Models by variant name (``model(x) -> Tensor``).
-        x: Their input.
-        device: Device to synchronise on.
-        time_kw: Keyword arguments of ``common.time_interleaved``.
-
-    Returns:
-        Per model: ``compiled_{fwd,train}_{ms,iqr_ms,min_ms}``, ``compiled_rel_err``
-        (compiled vs eager output), ``compile_fwd_s`` (the first, compiling, forward
-        call) and, on failure, ``compile_error``.
-    """
-    torch._dynamo.reset()
-    out: dict[str, dict[str, Any]] = {name: {} for name in models}
-    with _recompile_room(len(models)):
-        runs = _compile_all(models, x, out)
-        for label, index, compiled in PHASES:
-            if compiled:
-                fns = {n: r[index] for n, r in runs.items() if "compile_error" not in out[n]}
-                _time_phase(fns, label, out, device, time_kw)
-    return out
-
-
-def speedups(sides: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Dense over variant: parameters and the latency of every phase (None where missing)."""
-    dense = sides["dense"]
-    ratios: dict[str, dict[str, float | None]] = {}
-    for name, side in sides.items():
-        r: dict[str, float | None] = {"params": dense["params"] / side["params"]}
-        for label, _, _ in PHASES:
-            for key in (f"{label}_ms", f"{label}_min_ms"):
-                a, b = dense.get(key), side.get(key)
-                r[key] = a / b if a and b else None
-        ratios[name] = r
-    return ratios
-
-
-def _output_errors(models: Mapping[str, nn.Module], x: Tensor) -> dict[str, float | None]:
-    """Relative output error vs dense of the variants that approximate it (not ``fresh``)."""
-    with torch.no_grad():
-        ref = models["dense"](x)
-        return {
-            name: None
-            if name == "dense" or (VARIANTS[name] or {}).get("mode") == "fresh"
-            else _rel_err(ref, model(x))
-            for name, model in models.items()
-        }
 
 
 def bench_hf_model(
@@ -447,7 +140,7 @@ def bench_hf_model(
     models, info = convert_variants(dense, ids, names, seed)
     wrapped: dict[str, nn.Module] = {n: TensorOutput(m, spec.output) for n, m in models.items()}
     sides = {n: {**info[n], **static_measures(w, ids, device)} for n, w in wrapped.items()}
-    for name, err in _output_errors(wrapped, ids).items():
+    for name, err in output_errors(wrapped, ids).items():
         sides[name]["output_rel_error"] = err
     timings = [time_models(wrapped, ids, device, compile_=False, time_kw=dict(time_kw))]
     if compile_:
@@ -467,89 +160,6 @@ def bench_hf_model(
     }
 
 
-def _num(ms: float) -> str:
-    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
-
-
-def _ms_cell(side: Mapping[str, Any], label: str) -> str:
-    ms = side.get(f"{label}_ms")
-    if ms is None:
-        return "error" if label.startswith("compiled") and "compile_error" in side else "-"
-    return f"{_num(ms)} ±{_num(side[f'{label}_iqr_ms'] / 2)}"
-
-
-def _ratio_cell(ratios: Mapping[str, float | None], phase: str) -> str:
-    cells = [ratios.get(f"{kind}_{phase}_ms") for kind in ("eager", "compiled")]
-    return " / ".join("-" if r is None else f"{r:.2f}x" for r in cells)
-
-
-def _row(model: str, variant: str, side: Mapping[str, Any], ratios: Mapping[str, Any]) -> list:
-    converted = "layers_converted" in side
-    layers = f"{side['layers_converted']}/{side['linear_layers']}" if converted else "-"
-    share = f"{side['linear_param_share']:.0%}" if converted else "-"
-    err = side.get("output_rel_error")
-    return [
-        model,
-        variant,
-        layers,
-        share,
-        format_count(side["params"]),
-        f"{ratios['params']:.2f}x",
-        format_count(side["flops"]),
-        _ms_cell(side, "eager_fwd"),
-        _ms_cell(side, "compiled_fwd"),
-        _ms_cell(side, "eager_train"),
-        _ms_cell(side, "compiled_train"),
-        _ratio_cell(ratios, "fwd"),
-        _ratio_cell(ratios, "train"),
-        f"{side['peak_train_mb']:.1f}",
-        f"{side['live_train_mb']:.1f}",
-        "-" if err is None else f"{err:.2e}",
-    ]
-
-
-HEADER = (
-    "model",
-    "variant",
-    "layers conv.",
-    "Linear params conv.",
-    "params",
-    "params dense/var",
-    "fwd FLOPs",
-    "fwd ms eager",
-    "fwd ms inductor",
-    "train ms eager",
-    "train ms inductor",
-    "fwd speedup eager / inductor",
-    "train speedup eager / inductor",
-    "peak train MB (RSS)",
-    "live train MB",
-    "out err vs dense",
-)
-
-
-def results_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """All models and variants in one Markdown table (latency: median ± IQR/2, ms).
-
-    Speedups are dense latency over variant latency (medians), eager and inductor.
-    """
-    rows = [
-        _row(rec["name"], name, side, rec["ratios"][name])
-        for rec in records
-        for name, side in rec["variants"].items()
-    ]
-    return format_table(HEADER, rows)
-
-
-def _compile_errors(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [
-        f"{rec['name']} / {name}: {side['compile_error'][:300]}"
-        for rec in records
-        for name, side in rec["variants"].items()
-        if "compile_error" in side
-    ]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -559,9 +169,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(v.replace(" ", "_") for v in VARIANTS),
         help="comma-separated of dense,fresh_r1,fresh_r4,factorize_r4 (dense always runs)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    add_machine_options(p)
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default 2)")
     p.add_argument("--batch", type=int, default=None, help="batch (default: bert 8, llama 4)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 128)")
@@ -636,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta["elapsed_s"] = round(time.perf_counter() - start, 1)
     print()
     print(results_table(records))
-    for line in _compile_errors(records):
+    for line in compile_errors(records):
         print(f"compile error: {line}")
     print(f"\ntotal {meta['elapsed_s']} s")
     result = {"meta": meta, "models": records}

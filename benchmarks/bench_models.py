@@ -37,22 +37,26 @@ from torch.utils.flop_counter import FlopCounterMode
 
 try:
     from benchmarks.common import (
+        add_machine_options,
         format_table,
         machine_info,
         peak_memory_mb,
         pick_device,
         setup_torch,
         time_interleaved,
+        timing_fields,
         write_json,
     )
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from common import (  # type: ignore[no-redef]
+        add_machine_options,
         format_table,
         machine_info,
         peak_memory_mb,
         pick_device,
         setup_torch,
         time_interleaved,
+        timing_fields,
         write_json,
     )
 
@@ -221,9 +225,7 @@ def time_models(
     ):
         fns = {n: runs[n + suffix][index] for n in models if n + suffix in runs}
         for name, t in time_interleaved(fns, device, **time_kw).items():
-            out[name][f"{label}_ms"] = t.median_ms
-            out[name][f"{label}_iqr_ms"] = t.iqr_ms
-            out[name][f"{label}_min_ms"] = t.min_ms
+            out[name].update(timing_fields(label, t))
     return out
 
 
@@ -331,9 +333,7 @@ def model_table(record: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    add_machine_options(p)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated of {list(MODELS)}")
     p.add_argument("--quick", action="store_true", help="small models, tiny iteration counts")
     p.add_argument("--compile", action="store_true", help="with --quick: keep torch.compile")

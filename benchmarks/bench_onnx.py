@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 try:
-    from benchmarks.bench_layers import CASES, _reference_layer, select_cases
     from benchmarks.common import format_table, machine_info, setup_torch, time_call, write_json
+    from benchmarks.layer_cases import CASES, reference_layer, select_cases
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from bench_layers import CASES, _reference_layer, select_cases  # type: ignore[no-redef]
     from common import (  # type: ignore[no-redef]
         format_table,
         machine_info,
@@ -29,6 +28,7 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
         time_call,
         write_json,
     )
+    from layer_cases import CASES, reference_layer, select_cases  # type: ignore[no-redef]
 
 from ndcompile.backends.onnx import export_onnx, time_onnxruntime
 from ndcompile.layers.ndlinear import NdLinear
@@ -40,7 +40,7 @@ def bench_onnx_case(case: Any, threads: int, *, budget_s: float, iters: int) -> 
     """Median forward ms of the ndcompile layer: eager, inductor, onnxruntime."""
     device = torch.device("cpu")
     torch._dynamo.reset()
-    layer = NdLinear.from_reference(_reference_layer(case))
+    layer = NdLinear.from_reference(reference_layer(case))
     layer.replan(plan_batch=case.batch)
     layer.eval()
     x = torch.randn(case.batch, *case.in_shape)

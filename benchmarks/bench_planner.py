@@ -32,16 +32,16 @@ from typing import Any
 import torch
 
 try:
-    from benchmarks.bench_layers import CASES, DEFAULT_CASES, QUICK_CASES, Case
     from benchmarks.common import format_table, machine_info, setup_torch, write_json
+    from benchmarks.layer_cases import CASES, DEFAULT_CASES, QUICK_CASES, Case
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from bench_layers import CASES, DEFAULT_CASES, QUICK_CASES, Case  # type: ignore[no-redef]
     from common import (  # type: ignore[no-redef]
         format_table,
         machine_info,
         setup_torch,
         write_json,
     )
+    from layer_cases import CASES, DEFAULT_CASES, QUICK_CASES, Case  # type: ignore[no-redef]
 
 from ndcompile.ir.network import TensorNetwork
 from ndcompile.planner.machine import machine_model

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    add_machine_options,
     format_table,
     machine_info,
     peak_memory_mb,
@@ -234,9 +235,7 @@ def table(record: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    add_machine_options(p)
     p.add_argument("--cases", default=",".join(LAYER_CASES), help=f"of {list(LAYER_CASES)}")
     p.add_argument("--bert-layers", type=int, default=1, help="0 skips the BERT encoder")
     p.add_argument("--bert-rank", type=int, default=4)
