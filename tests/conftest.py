@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 # Tests never write to the user's cache, and plans do not depend on this machine's
 # measured speed: the planner's cost model uses fixed constants in tests.
@@ -146,3 +147,20 @@ def small_buffers(monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(pages, "MIN_BYTES", 1 << 12)
     monkeypatch.delenv("NDCOMPILE_POOL_MB", raising=False)
     return 2048
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Input files of the command tests: checkpoints of every kind, calibration data."""
+    from cli_helpers import write_input_files
+
+    return write_input_files(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ndcompile's caches live in this test's ``tmp_path`` (and plans use fixed costs)."""
+    from reliability_models import isolate_ndcompile_env
+
+    for key, value in isolate_ndcompile_env(tmp_path).items():
+        monkeypatch.setenv(key, value)

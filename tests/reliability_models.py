@@ -11,8 +11,6 @@ import copy
 import json
 import math
 import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +18,6 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 __all__ = [
-    "DISTRIBUTED_CASES",
     "FIXED_MACHINE",
     "Block",
     "ChannelsLastHead",
@@ -29,7 +26,6 @@ __all__ = [
     "KeywordCall",
     "NestedUntraceable",
     "NoGradBranch",
-    "Permute",
     "PlainDataDependent",
     "PlainMLP",
     "SharedEmbedding",
@@ -37,18 +33,15 @@ __all__ = [
     "SmallUntraceable",
     "TiedTwice",
     "TokenMLP",
-    "Unflatten",
     "WithAttention",
-    "build_random_model",
-    "converted_model",
+    "assert_same_state",
     "dense_equivalent",
-    "distributed_worker",
     "isolate_ndcompile_env",
     "linear_names",
-    "rank_batches",
     "rel_error",
-    "train_reference",
+    "state",
 ]
+
 
 #: Cost-model constants used by the tests (no measurement, same plans everywhere).
 FIXED_MACHINE = json.dumps({"matmul_gflops": 100.0, "bandwidth_gbs": 10.0, "op_overhead_us": 5.0})
@@ -91,6 +84,18 @@ def dense_equivalent(model: nn.Module, converted: nn.Module) -> nn.Module:
 def linear_names(model: nn.Module) -> set[str]:
     """Qualified names of every ``nn.Linear`` (subclasses included) in ``model``."""
     return {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s state_dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """The two state dicts have the same keys and equal tensors."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 # ----------------------------------------------------------------- simple models
@@ -268,196 +273,6 @@ class ChannelsLastHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
-
-
-# --------------------------------------------------- building blocks for fuzzing
-
-
-class Unflatten(nn.Module):
-    """Split the last dim into ``sizes`` (traceable: no shape unpacking)."""
-
-    def __init__(self, sizes: Sequence[int]) -> None:
-        super().__init__()
-        self.sizes = tuple(int(s) for s in sizes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, self.sizes)
-
-    def extra_repr(self) -> str:
-        return f"sizes={self.sizes}"
-
-
-class Permute(nn.Module):
-    """Permute the feature dims of a ``(B, *features)`` tensor (batch stays first)."""
-
-    def __init__(self, perm: Sequence[int]) -> None:
-        super().__init__()
-        self.dims = (0, *(int(p) + 1 for p in perm))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(self.dims)
-
-    def extra_repr(self) -> str:
-        return f"dims={self.dims}"
-
-
-#: One step of a random model: ``(op, *arguments)``; see :func:`build_random_model`.
-OpSpec = tuple[Any, ...]
-
-
-def build_random_model(spec: Sequence[OpSpec]) -> nn.Sequential:
-    """Build the model a fuzzing spec describes (parameters from the global RNG).
-
-    Ops (all act on ``(B, *features)``):
-
-    - ``("linear", in, out, bias)``: ``nn.Linear`` on the last dim;
-    - ``("relu",)``; ``("flatten",)``: merge all feature dims (``nn.Flatten``);
-    - ``("unflatten", sizes)``: split the last dim; ``("permute", perm)``: permute features;
-    - ``("ndlinear", in_modes, out_modes, rank, bias)``: ndcompile's NdLinear on the
-      trailing ``len(in_modes)`` dims;
-    - ``("reference", in_modes, out_modes, transform_outer)``: the reference package's
-      ``ndlinear.NdLinear`` on all feature dims.
-    """
-    from ndcompile.layers.ndlinear import NdLinear
-
-    layers: list[nn.Module] = []
-    for op, *args in spec:
-        if op == "linear":
-            layers.append(nn.Linear(args[0], args[1], bias=args[2]))
-        elif op == "relu":
-            layers.append(nn.ReLU())
-        elif op == "flatten":
-            layers.append(nn.Flatten())
-        elif op == "unflatten":
-            layers.append(Unflatten(args[0]))
-        elif op == "permute":
-            layers.append(Permute(args[0]))
-        elif op == "ndlinear":
-            layers.append(NdLinear(args[0], args[1], rank=args[2], bias=args[3]))
-        elif op == "reference":
-            import ndlinear
-
-            layers.append(ndlinear.NdLinear(tuple(args[0]), tuple(args[1]), args[2]))
-        else:
-            raise ValueError(f"unknown op {op!r}")
-    return nn.Sequential(*layers)
-
-
-# ------------------------------------------------------------ distributed training
-
-#: Models trained by the distributed test: name -> (converted model factory, wrapper).
-DISTRIBUTED_CASES = {
-    "ddp-graph_module": ("graph_module", "ddp"),
-    "ddp-partial": ("partial", "ddp"),
-    "fsdp-graph_module": ("graph_module", "fsdp"),
-    "ddp-tiled": ("tiled", "ddp"),
-    "fsdp-tiled": ("tiled", "fsdp"),
-}
-STEPS = 3
-LR = 1e-2
-
-
-def converted_model(kind: str) -> nn.Module:
-    """A freshly converted model: a traced GraphModule or a partial (fallback) conversion.
-
-    ``tiled`` is the GraphModule with one-row tiles, so that every batch of the test
-    runs through the tiled contraction op.
-    """
-    import ndcompile
-    from ndcompile.layers.ndlinear import NdLinear
-
-    if kind in ("graph_module", "tiled"):
-        model = ndcompile.convert(TokenMLP(), torch.randn(2, 5, 64), mode="fresh")
-        if kind == "tiled":
-            for layer in model.modules():
-                if isinstance(layer, NdLinear):
-                    layer.tile = 1
-        return model
-    return ndcompile.convert(DataDependent(), torch.randn(2, 64), mode="fresh")
-
-
-def rank_batches(rank: int) -> list[Tensor]:
-    """The (different) training batches of ``rank``."""
-    gen = torch.Generator().manual_seed(1000 * (rank + 1))
-    return [torch.randn(4, 64, generator=gen) for _ in range(STEPS)]
-
-
-def train_reference(model: nn.Module, world: int) -> dict[str, Tensor]:
-    """Single-process training equivalent to ``world`` data-parallel ranks.
-
-    Data-parallel gradients are the mean of the per-rank gradients, i.e. the gradient
-    of the mean of the per-rank losses.
-    """
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    batches = [rank_batches(r) for r in range(world)]
-    for step in range(STEPS):
-        loss = sum(model(b[step]).pow(2).mean() for b in batches) / world
-        opt.zero_grad()
-        loss.backward()  # type: ignore[union-attr]
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _full_state(model: nn.Module) -> dict[str, Tensor]:
-    """State dict with sharded (DTensor) entries gathered to full tensors."""
-    from torch.distributed.tensor import DTensor
-
-    return {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-        for k, v in model.state_dict().items()
-    }
-
-
-def distributed_worker(rank: int, world: int, port: int, out_dir: str, env: dict[str, str]) -> None:
-    """One rank of the distributed test: convert, wrap (DDP or FSDP2), train, save.
-
-    DDP models are converted with a rank-dependent seed (DDP must broadcast rank 0's
-    parameters); FSDP2 shards one common initialisation. Every rank trains on its own
-    batches and saves the initial and final (full) parameters; DDP ranks also save
-    the local, un-reduced gradient of their first batch.
-    """
-    os.environ.update(env)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results: dict[str, Any] = {}
-        for case, (kind, wrapper) in DISTRIBUTED_CASES.items():
-            torch.manual_seed(rank if wrapper == "ddp" else 0)
-            model = converted_model(kind)
-            batches = rank_batches(rank)
-            local: dict[str, Tensor] = {}
-            if wrapper == "ddp":
-                wrapped = DistributedDataParallel(model)
-                local = _local_gradients(wrapped, model, batches[0])
-            else:
-                wrapped = fully_shard(model)  # type: ignore[assignment]
-            init = _full_state(model)
-            opt = torch.optim.Adam(wrapped.parameters(), lr=LR)
-            for x in batches:
-                loss = wrapped(x).pow(2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            results[case] = {"init": init, "final": _full_state(model), "local_grad": local}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _local_gradients(ddp: nn.Module, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
-    """Gradients of one batch on this rank only (``no_sync``: no all-reduce)."""
-    model.zero_grad()
-    with ddp.no_sync():  # type: ignore[operator]
-        ddp(x).pow(2).mean().backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return grads
 
 
 class SmallBlock(nn.Module):

@@ -18,13 +18,13 @@ import torch.multiprocessing as mp
 
 from ndcompile.testing import dispatched_ops
 
-from reliability_models import (
+from distributed_training import (
     DISTRIBUTED_CASES,
     converted_model,
     distributed_worker,
-    isolate_ndcompile_env,
     train_reference,
 )
+from reliability_models import isolate_ndcompile_env
 
 WORLD = 2
 TIMEOUT_S = 150.0

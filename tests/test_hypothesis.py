@@ -25,14 +25,8 @@ from hypothesis import strategies as st
 
 from ndcompile import convert
 
-from reliability_models import (
-    OpSpec,
-    build_random_model,
-    dense_equivalent,
-    isolate_ndcompile_env,
-    linear_names,
-    rel_error,
-)
+from random_models import OpSpec, build_random_model
+from reliability_models import dense_equivalent, isolate_ndcompile_env, linear_names, rel_error
 
 EXAMPLES = {"exact": 150, "fresh": 80, "factorize": 60, "untouched": 30}
 RAN: Counter[str] = Counter()
