@@ -33,14 +33,11 @@ from typing import Any
 
 import torch
 
-try:
-    from benchmarks.common import format_table, machine_info, peak_memory_mb, write_json
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import format_table, machine_info, peak_memory_mb, write_json  # type: ignore
-
 from ndcompile.compress.kronecker import nearest_kronecker, rank_for_tolerance
 from ndcompile.compress.kronecker_dense import rearrange
 from ndcompile.compress.kronecker_shapes import plan_mode_shapes
+
+from common import format_table, machine_info, peak_memory_mb, write_json
 
 __all__ = ["full_svd_fit", "main", "make_weight", "run_case"]
 

@@ -56,42 +56,27 @@ from typing import Any
 import torch
 from torch import nn
 
-try:
-    from benchmarks.bench_models import static_measures, time_models
-    from benchmarks.common import (
-        add_machine_options,
-        machine_info,
-        pick_device,
-        setup_torch,
-        write_json,
-    )
-    from benchmarks.hf_conversion import VARIANTS, convert_variants, output_errors
-    from benchmarks.hf_model_specs import MODELS, HFModelSpec, Sizes, TensorOutput
-    from benchmarks.hf_tables import compile_errors, results_table
-    from benchmarks.hf_timing import speedups, time_compiled
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from bench_models import static_measures, time_models  # type: ignore[no-redef]
-    from common import (  # type: ignore[no-redef]
-        add_machine_options,
-        machine_info,
-        pick_device,
-        setup_torch,
-        write_json,
-    )
-    from hf_conversion import (  # type: ignore[no-redef]
-        VARIANTS,
-        convert_variants,
-        output_errors,
-    )
-    from hf_model_specs import (  # type: ignore[no-redef]
-        MODELS,
-        HFModelSpec,
-        Sizes,
-        TensorOutput,
-    )
-    from hf_tables import compile_errors, results_table  # type: ignore[no-redef]
-    from hf_timing import speedups, time_compiled  # type: ignore[no-redef]
-
+from bench_models import static_measures, time_models
+from common import (
+    add_machine_options,
+    machine_info,
+    pick_device,
+    setup_torch,
+    write_json,
+)
+from hf_conversion import (
+    VARIANTS,
+    convert_variants,
+    output_errors,
+)
+from hf_model_specs import (
+    MODELS,
+    HFModelSpec,
+    Sizes,
+    TensorOutput,
+)
+from hf_tables import compile_errors, results_table
+from hf_timing import speedups, time_compiled
 
 __all__ = [
     "MODELS",

@@ -39,42 +39,26 @@ from typing import Any
 
 import torch
 
-try:
-    from benchmarks.common import (
-        add_machine_options,
-        machine_info,
-        measure_bandwidth,
-        measure_roofline,
-        pick_device,
-        setup_torch,
-        write_json,
-    )
-    from benchmarks.layer_cases import CASES, QUICK_CASES, Case, reference_flops, select_cases
-    from benchmarks.layer_measure import PHASES, bench_case, profile_case, ratios
-    from benchmarks.layer_scaling import run_scaling
-    from benchmarks.layer_tables import case_table, summary_table
-    from benchmarks.layer_variants import VARIANTS, phase_callables
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import (  # type: ignore[no-redef]
-        add_machine_options,
-        machine_info,
-        measure_bandwidth,
-        measure_roofline,
-        pick_device,
-        setup_torch,
-        write_json,
-    )
-    from layer_cases import (  # type: ignore[no-redef]
-        CASES,
-        QUICK_CASES,
-        Case,
-        reference_flops,
-        select_cases,
-    )
-    from layer_measure import PHASES, bench_case, profile_case, ratios  # type: ignore[no-redef]
-    from layer_scaling import run_scaling  # type: ignore[no-redef]
-    from layer_tables import case_table, summary_table  # type: ignore[no-redef]
-    from layer_variants import VARIANTS, phase_callables  # type: ignore[no-redef]
+from common import (
+    add_machine_options,
+    machine_info,
+    measure_bandwidth,
+    measure_roofline,
+    pick_device,
+    setup_torch,
+    write_json,
+)
+from layer_cases import (
+    CASES,
+    QUICK_CASES,
+    Case,
+    reference_flops,
+    select_cases,
+)
+from layer_measure import PHASES, bench_case, profile_case, ratios
+from layer_scaling import run_scaling
+from layer_tables import case_table, summary_table
+from layer_variants import VARIANTS, phase_callables
 
 __all__ = [
     "CASES",

@@ -35,33 +35,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-try:
-    from benchmarks.common import (
-        add_machine_options,
-        format_table,
-        machine_info,
-        peak_memory_mb,
-        pick_device,
-        setup_torch,
-        time_interleaved,
-        timing_fields,
-        write_json,
-    )
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import (  # type: ignore[no-redef]
-        add_machine_options,
-        format_table,
-        machine_info,
-        peak_memory_mb,
-        pick_device,
-        setup_torch,
-        time_interleaved,
-        timing_fields,
-        write_json,
-    )
-
 import ndcompile
 from ndcompile.layers.memory import peak_live_bytes
+
+from common import (
+    add_machine_options,
+    format_table,
+    machine_info,
+    peak_memory_mb,
+    pick_device,
+    setup_torch,
+    time_interleaved,
+    timing_fields,
+    write_json,
+)
 
 __all__ = ["MODELS", "EncoderBlock", "ImageMLP", "TinyEncoder", "bench_model", "main"]
 

@@ -17,21 +17,17 @@ from typing import Any
 
 import torch
 
-try:
-    from benchmarks.common import format_table, machine_info, setup_torch, time_call, write_json
-    from benchmarks.layer_cases import CASES, reference_layer, select_cases
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import (  # type: ignore[no-redef]
-        format_table,
-        machine_info,
-        setup_torch,
-        time_call,
-        write_json,
-    )
-    from layer_cases import CASES, reference_layer, select_cases  # type: ignore[no-redef]
-
 from ndcompile.backends.onnx import export_onnx, time_onnxruntime
 from ndcompile.layers.ndlinear import NdLinear
+
+from common import (
+    format_table,
+    machine_info,
+    setup_torch,
+    time_call,
+    write_json,
+)
+from layer_cases import CASES, reference_layer, select_cases
 
 __all__ = ["bench_onnx_case", "main"]
 

@@ -31,18 +31,6 @@ from typing import Any
 
 import torch
 
-try:
-    from benchmarks.common import format_table, machine_info, setup_torch, write_json
-    from benchmarks.layer_cases import CASES, DEFAULT_CASES, QUICK_CASES, Case
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import (  # type: ignore[no-redef]
-        format_table,
-        machine_info,
-        setup_torch,
-        write_json,
-    )
-    from layer_cases import CASES, DEFAULT_CASES, QUICK_CASES, Case  # type: ignore[no-redef]
-
 from ndcompile.ir.network import TensorNetwork
 from ndcompile.planner.machine import machine_model
 from ndcompile.planner.plan import (
@@ -51,6 +39,14 @@ from ndcompile.planner.plan import (
     plan_ndlinear,
     reference_schedule,
 )
+
+from common import (
+    format_table,
+    machine_info,
+    setup_torch,
+    write_json,
+)
+from layer_cases import CASES, DEFAULT_CASES, QUICK_CASES, Case
 
 __all__ = ["check_case", "main", "spearman"]
 

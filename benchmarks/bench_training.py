@@ -33,6 +33,9 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ndcompile.layers.memory import peak_live_bytes, saved_activation_bytes
+from ndcompile.layers.ndlinear import NdLinear
+
 from common import (
     add_machine_options,
     format_table,
@@ -43,9 +46,6 @@ from common import (
     time_interleaved,
     write_json,
 )
-
-from ndcompile.layers.memory import peak_live_bytes, saved_activation_bytes
-from ndcompile.layers.ndlinear import NdLinear
 
 __all__ = ["LAYER_CASES", "bench_bert", "bench_layer", "main"]
 

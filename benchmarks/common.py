@@ -13,40 +13,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.machine import (
-        add_machine_options,
-        machine_info,
-        measure_bandwidth,
-        measure_roofline,
-        pick_device,
-        setup_torch,
-    )
-    from benchmarks.peak_memory import peak_memory_mb
-    from benchmarks.timing import (
-        Timing,
-        summarise,
-        time_call,
-        time_interleaved,
-        timing_fields,
-    )
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from machine import (  # type: ignore[no-redef]
-        add_machine_options,
-        machine_info,
-        measure_bandwidth,
-        measure_roofline,
-        pick_device,
-        setup_torch,
-    )
-    from peak_memory import peak_memory_mb  # type: ignore[no-redef]
-    from timing import (  # type: ignore[no-redef]
-        Timing,
-        summarise,
-        time_call,
-        time_interleaved,
-        timing_fields,
-    )
+from machine import (
+    add_machine_options,
+    machine_info,
+    measure_bandwidth,
+    measure_roofline,
+    pick_device,
+    setup_torch,
+)
+from peak_memory import peak_memory_mb
+from timing import (
+    Timing,
+    summarise,
+    time_call,
+    time_interleaved,
+    timing_fields,
+)
 
 __all__ = [
     "Timing",

@@ -14,13 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-try:
-    from benchmarks.bench_models import _rel_err
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from bench_models import _rel_err  # type: ignore[no-redef]
-
 import ndcompile
 from ndcompile.report import ConversionReport, report_of
+
+from bench_models import _rel_err
 
 __all__ = ["VARIANTS", "convert_variants", "output_errors"]
 

@@ -10,12 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-try:
-    from benchmarks.common import format_ratio, format_table
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import format_ratio, format_table  # type: ignore[no-redef]
-
 from ndcompile.report import format_count
+
+from common import format_ratio, format_table
 
 __all__ = ["HEADER", "compile_errors", "results_table"]
 

@@ -14,12 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-try:
-    from benchmarks.bench_models import _phases, _rel_err
-    from benchmarks.timing import time_interleaved, timing_fields
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from bench_models import _phases, _rel_err  # type: ignore[no-redef]
-    from timing import time_interleaved, timing_fields  # type: ignore[no-redef]
+from bench_models import _phases, _rel_err
+from timing import time_interleaved, timing_fields
 
 __all__ = ["PHASES", "speedups", "time_compiled"]
 

@@ -14,19 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:
-    from benchmarks.layer_cases import Case, reference_flops
-    from benchmarks.layer_variants import VARIANTS, build_variants, first_line, phase_callables
-    from benchmarks.timing import time_interleaved, timing_fields
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from layer_cases import Case, reference_flops  # type: ignore[no-redef]
-    from layer_variants import (  # type: ignore[no-redef]
-        VARIANTS,
-        build_variants,
-        first_line,
-        phase_callables,
-    )
-    from timing import time_interleaved, timing_fields  # type: ignore[no-redef]
+from layer_cases import Case, reference_flops
+from layer_variants import (
+    VARIANTS,
+    build_variants,
+    first_line,
+    phase_callables,
+)
+from timing import time_interleaved, timing_fields
 
 __all__ = ["PHASES", "bench_case", "profile_case", "ratios"]
 

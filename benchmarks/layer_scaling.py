@@ -12,18 +12,12 @@ from typing import Any
 
 import torch
 
-try:
-    from benchmarks.layer_cases import Case, reference_layer
-    from benchmarks.layer_tables import scaling_table
-    from benchmarks.layer_variants import phase_callables
-    from benchmarks.timing import time_interleaved, timing_fields
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from layer_cases import Case, reference_layer  # type: ignore[no-redef]
-    from layer_tables import scaling_table  # type: ignore[no-redef]
-    from layer_variants import phase_callables  # type: ignore[no-redef]
-    from timing import time_interleaved, timing_fields  # type: ignore[no-redef]
-
 from ndcompile.layers.ndlinear import NdLinear
+
+from layer_cases import Case, reference_layer
+from layer_tables import scaling_table
+from layer_variants import phase_callables
+from timing import time_interleaved, timing_fields
 
 __all__ = ["SCALING_BATCHES", "SCALING_MODES", "SCALING_MODE_BATCH", "run_scaling"]
 

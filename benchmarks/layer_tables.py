@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-try:
-    from benchmarks.common import format_ratio, format_table
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import format_ratio, format_table  # type: ignore[no-redef]
+from common import format_ratio, format_table
 
 __all__ = ["case_table", "scaling_table", "summary_table"]
 

@@ -13,12 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-try:
-    from benchmarks.layer_cases import Case, reference_layer, tltorch_rank
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from layer_cases import Case, reference_layer, tltorch_rank  # type: ignore[no-redef]
-
 from ndcompile.layers.ndlinear import NdLinear
+
+from layer_cases import Case, reference_layer, tltorch_rank
 
 __all__ = [
     "COMPILED",

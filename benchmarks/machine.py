@@ -10,10 +10,7 @@ from typing import Any
 
 import torch
 
-try:
-    from benchmarks.timing import best_seconds
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from timing import best_seconds  # type: ignore[no-redef]
+from timing import best_seconds
 
 __all__ = [
     "add_machine_options",

@@ -17,10 +17,7 @@ from typing import Any
 
 import torch
 
-try:
-    from benchmarks.timing import sync_device
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from timing import sync_device  # type: ignore[no-redef]
+from timing import sync_device
 
 __all__ = ["peak_memory_mb"]
 
