@@ -6,7 +6,7 @@ import pytest
 import torch
 from einsum_programs import lower, operands
 
-from ndcompile.ir.program import ContractionProgram, Instruction
+from ndcompile.ir.program import ContractionProgram, Instruction, broadcast_shapes
 from ndcompile.testing import activation_permutes, dispatched_ops
 
 
@@ -150,3 +150,18 @@ def test_broadcasting_biases_are_added_not_folded(shape) -> None:
     out = torch.empty(7, 4, 5, dtype=torch.float64)
     prog.run(x, *factors, out=out, bias=bias)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [((), ()), ((3,), ()), ((), (4, 2)), ((5, 1), (1, 6)), ((2, 3, 4), (3, 1)), ((1,), (7,))],
+)
+def test_broadcast_shapes_matches_torch(a: tuple[int, ...], b: tuple[int, ...]) -> None:
+    want = tuple(torch.broadcast_shapes(a, b))
+    assert broadcast_shapes(a, b) == want
+    assert broadcast_shapes(torch.Size(a), torch.Size(b)) == want
+
+
+def test_broadcast_shapes_rejects_mismatch() -> None:
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        broadcast_shapes((2, 3), (4, 3))

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ndcompile.ir.program import ContractionProgram, Instruction
+from ndcompile.ir.program import ContractionProgram, Instruction, broadcast_shapes
 
 __all__ = ["RecomputedContraction", "program_vjp", "register_shapes", "run_recomputed"]
 
@@ -137,7 +137,7 @@ def _summed_matmul(x: Tensor, y: Tensor, shape: Shape, out: Tensor | None = None
     bmm = x.dim() == 2 and y.dim() == 3
     if bmm:
         x = x.expand(y.shape[0], -1, -1)
-    product = (*torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]), x.shape[-2], y.shape[-1])
+    product = (*broadcast_shapes(x.shape[:-2], y.shape[:-2]), x.shape[-2], y.shape[-1])
     if out is not None and product == tuple(shape) and out.numel() == _product(shape):
         dest = out.view(product)
         return torch.bmm(x, y, out=dest) if bmm else torch.matmul(x, y, out=dest)

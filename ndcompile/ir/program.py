@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["ContractionProgram", "Instruction"]
+__all__ = ["ContractionProgram", "Instruction", "broadcast_shapes"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,25 @@ class Instruction:
     out: int
     arg: tuple[int, ...] = ()
     dims: tuple[int, ...] = ()
+
+
+def broadcast_shapes(a: Sequence[Any], b: Sequence[Any]) -> tuple[Any, ...]:
+    """``torch.broadcast_shapes(a, b)``, without its Python overhead for plain int shapes.
+
+    ``torch.broadcast_shapes`` costs tens of microseconds a call (it goes through
+    ``torch._refs``). Programs call it once per matmul, on every tile. Symbolic sizes
+    go to torch's version.
+    """
+    if not all(type(d) is int for d in (*a, *b)):
+        return tuple(torch.broadcast_shapes(tuple(a), tuple(b)))
+    n = max(len(a), len(b))
+    ta, tb = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(ta, tb, strict=True):
+        if x != y and x != 1 and y != 1:
+            raise RuntimeError(f"shapes {tuple(a)} and {tuple(b)} do not broadcast")
+        out.append(y if x == 1 else x)
+    return tuple(out)
 
 
 def _matmul(
@@ -69,7 +89,7 @@ def _matmul(
         return (torch.bmm(a, b) if ranks == (2, 3) else torch.matmul(a, b)), False
     if a.dim() < 2 or b.dim() < 2:
         return torch.matmul(a, b), False
-    shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    shape = (*broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
     if out is not None and out.numel() != math.prod(shape):
         return torch.matmul(a, b), False
     dest = None if out is None else out.view(shape)
@@ -109,8 +129,8 @@ def _bias_view(
 def _add(a: Any, b: Any, out: torch.Tensor | None) -> Any:
     """``a + b``, into ``out`` (viewed to the sum's shape) when it fits."""
     if out is not None:
-        shape = torch.broadcast_shapes(a.shape, b.shape)
-        if out.numel() == shape.numel():
+        shape = broadcast_shapes(a.shape, b.shape)
+        if out.numel() == math.prod(shape):
             return torch.add(a, b, out=out.view(shape))
     return a + b
 
