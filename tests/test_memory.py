@@ -105,6 +105,7 @@ def test_vjp_computes_only_wanted_gradients(wanted: tuple[bool, ...]) -> None:
 def test_vjp_schedule_is_reused_per_shape_and_flags() -> None:
     nd = NdLinear((6, 8), (4, 5), 2, dtype=torch.float64)
     program = nd.plan().program
+    program.vjp_schedules.clear()  # plans are shared between layers of one shape
     factors = [f.detach() for f in nd.factors]
     # One program, alternating shapes and flags: each call must use its own schedule.
     for rows, wanted in [(3, WANTED[0]), (5, WANTED[1]), (3, WANTED[1]), (5, WANTED[0])]:
@@ -117,6 +118,16 @@ def test_vjp_schedule_is_reused_per_shape_and_flags() -> None:
         assert len(got) == len(refs)
         for value, ref in zip(got, refs, strict=True):
             torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-10)
+    # Two row counts times two flag sets: one schedule each, kept on the program.
+    assert len(program.vjp_schedules) == 4
+    # With an output buffer for operand 0's gradient: another schedule, written there.
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    out = torch.empty_like(x)
+    got = program_vjp(
+        program, [x, *factors], torch.randn(3, 4, 5, dtype=torch.float64), [True, False, False], out
+    )
+    assert len(program.vjp_schedules) == 5
+    assert got[0] is not None and got[0].data_ptr() == out.data_ptr()
 
 
 def test_register_shapes_match_the_run() -> None:

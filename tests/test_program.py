@@ -154,7 +154,16 @@ def test_broadcasting_biases_are_added_not_folded(shape) -> None:
 
 @pytest.mark.parametrize(
     ("a", "b"),
-    [((), ()), ((3,), ()), ((), (4, 2)), ((5, 1), (1, 6)), ((2, 3, 4), (3, 1)), ((1,), (7,))],
+    [
+        ((), ()),
+        ((3,), ()),
+        ((), (4, 2)),
+        ((5, 1), (1, 6)),
+        ((2, 3, 4), (3, 1)),
+        ((1,), (7,)),
+        ((0,), (1,)),
+        ((2, 0), (2, 1)),
+    ],
 )
 def test_broadcast_shapes_matches_torch(a: tuple[int, ...], b: tuple[int, ...]) -> None:
     want = tuple(torch.broadcast_shapes(a, b))
@@ -165,3 +174,5 @@ def test_broadcast_shapes_matches_torch(a: tuple[int, ...], b: tuple[int, ...]) 
 def test_broadcast_shapes_rejects_mismatch() -> None:
     with pytest.raises(RuntimeError, match="do not broadcast"):
         broadcast_shapes((2, 3), (4, 3))
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        broadcast_shapes((0,), (3,))

@@ -7,7 +7,14 @@ import torch
 
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.program import ContractionProgram
-from ndcompile.ir.tiled import MIN_TILE, choose_tile, row_elements, should_tile, tiled_contract
+from ndcompile.ir.tiled import (
+    MIN_TILE,
+    choose_tile,
+    row_elements,
+    should_tile,
+    tiled_contract,
+    tiled_contract_backward,
+)
 from ndcompile.layers.memory import peak_live_bytes
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.testing import dispatched_ops
@@ -106,6 +113,44 @@ def test_tiled_bias_gradient_is_summed_per_tile(bias_shape, x_grad):
     refs = torch.autograd.grad(want, leaves, g)
     for value, ref in zip(got, refs, strict=True):
         torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "needs", [[True, True, True, True], [False, False, False, True], [True, True, True]]
+)
+def test_opcheck_of_the_backward_op(needs):
+    layer = NdLinear((6, 8), (12, 10), rank=2, tile=16, dtype=torch.float64)
+    x = torch.randn(50, 6, 8, dtype=torch.float64)
+    grad = torch.randn(50, 12, 10, dtype=torch.float64)
+    text = layer.plan().program.to_text()
+    args = (grad, x, [f.detach() for f in layer.factor_operands()], text, 16, needs)
+    torch.library.opcheck(tiled_contract_backward, args)
+    out = tiled_contract_backward(*args)
+    assert len(out) == len(needs)
+
+
+def test_backward_op_rejects_a_wrong_flag_count():
+    layer = NdLinear((6, 8), (12, 10), rank=2, tile=16)
+    x, grad = torch.randn(40, 6, 8), torch.randn(40, 12, 10)
+    text = layer.plan().program.to_text()
+    with pytest.raises(ValueError, match="5 flags for 3 operands"):
+        tiled_contract_backward(grad, x, layer.factor_operands(), text, 16, [True] * 5)
+
+
+def test_half_precision_gradients_are_summed_in_float32():
+    torch.manual_seed(0)
+    layer = NdLinear((6, 8), (12, 10), rank=2, tile=16, dtype=torch.bfloat16)
+    x = torch.randn(4096, 6, 8, dtype=torch.bfloat16)
+    factors = [f.detach().requires_grad_() for f in layer.factor_operands()]
+    bias = torch.randn(12, 10, dtype=torch.bfloat16, requires_grad=True)
+    y = tiled_contract(x, factors, bias, layer.plan().program.to_text(), 16)
+    g = torch.randn_like(y)
+    y.backward(g)
+    want = g.double().sum(0)
+    assert bias.grad is not None and bias.grad.dtype == torch.bfloat16
+    # One bf16 rounding of a float32 sum (256 bf16 partial sums would be ~10x worse).
+    rel = (bias.grad.double() - want).norm() / want.norm()
+    assert rel < 5e-3, rel
 
 
 def test_compile_keeps_the_op_and_export_gets_plain_ops():

@@ -174,7 +174,7 @@ class _VjpSchedule:
     shapes: dict[int, Shape]
     recompute: tuple[int, ...]  # instructions to rerun, in order
     unread: tuple[int, ...]  # recomputed registers no matmul reads (dropped at once)
-    drop_after: dict[int, tuple[int, ...]]  # backward step -> registers it frees
+    drop_after: dict[int, tuple[int, ...]]  # backward step -> registers freed before it
     sink: tuple[int, int] | None  # where operand 0's gradient can be written in place
 
 
@@ -214,25 +214,29 @@ def _schedule(
     )
 
 
-#: Schedules by program identity, operand shapes and flags, each next to its program:
-#: the cache holds the program alive, so its ``id`` is not reused while cached.
-#: Programs are not changed once lowered; the tiled op reruns one on every tile.
-_SCHEDULES: dict[tuple[Any, ...], tuple[ContractionProgram, _VjpSchedule]] = {}
+#: Most schedules kept per program (one per tile size and flags in practice).
+_MAX_SCHEDULES = 64
 
 
 def _cached_schedule(
     program: ContractionProgram, shapes_in: list[Shape], needs_grad: Sequence[bool], sink: bool
 ) -> _VjpSchedule:
+    """The program's schedule for these shapes and flags, kept on the program itself.
+
+    Programs are not changed once lowered (the tiled op reruns one on every tile).
+    Schedules are shared: nothing may write to one.
+    """
     symbolic = not all(isinstance(d, int) for s in shapes_in for d in s)
     if symbolic or torch.compiler.is_compiling():  # traced once: nothing to save
         return _schedule(program, shapes_in, needs_grad, sink)
-    key = (id(program), tuple(shapes_in), tuple(bool(n) for n in needs_grad), sink)
-    found = _SCHEDULES.get(key)
+    cache = program.vjp_schedules
+    key = (tuple(shapes_in), tuple(bool(n) for n in needs_grad), sink)
+    found = cache.get(key)
     if found is None:
-        if len(_SCHEDULES) >= 1024:
-            _SCHEDULES.clear()
-        found = _SCHEDULES[key] = (program, _schedule(program, shapes_in, needs_grad, sink))
-    return found[1]
+        if len(cache) >= _MAX_SCHEDULES:
+            cache.clear()
+        found = cache[key] = _schedule(program, shapes_in, needs_grad, sink)
+    return found
 
 
 def program_vjp(

@@ -49,6 +49,16 @@ def broadcast_shapes(a: Sequence[Any], b: Sequence[Any]) -> tuple[Any, ...]:
     ``torch.broadcast_shapes`` costs tens of microseconds a call (it goes through
     ``torch._refs``). Programs call it once per matmul, on every tile. Symbolic sizes
     go to torch's version.
+
+    Args:
+        a: A shape (ints or SymInts).
+        b: Another shape.
+
+    Returns:
+        The broadcast shape.
+
+    Raises:
+        RuntimeError: When the shapes do not broadcast.
     """
     if not all(type(d) is int for d in (*a, *b)):
         return tuple(torch.broadcast_shapes(tuple(a), tuple(b)))
@@ -152,6 +162,11 @@ class ContractionProgram:
     result: int = 0
     output: tuple[str, ...] = ()
     permuted_elements: int = 0
+    #: Backward schedules of :func:`ndcompile.ir.autodiff.program_vjp`, by operand
+    #: shapes and flags (derived data, not part of the program).
+    vjp_schedules: dict[Any, Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def run(
         self, *operands: Any, out: torch.Tensor | None = None, bias: torch.Tensor | None = None

@@ -244,10 +244,14 @@ def _tiled_contract_backward(
         where none is wanted.
     """
     prog = _program(program)
-    n = 1 + len(factors)
+    n = _check_needs(needs, factors)
+    # Sums over tiles accumulate in float32 for half-precision gradients, as one
+    # reduction over the whole batch would.
+    acc_dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
     dx = empty_like_rows(x, x.shape) if needs[0] else x.new_empty(0)
     dfactors: list[Tensor | None] = [None] * len(factors)
-    drows = grad.new_zeros(grad.shape[1:]) if len(needs) > n and needs[n] else None
+    wants_rows = len(needs) > n and needs[n]
+    drows = grad.new_zeros(grad.shape[1:], dtype=acc_dtype) if wants_rows else None
     for start in range(0, x.shape[0], tile):
         stop = start + tile
         rows = dx[start:stop] if needs[0] else None
@@ -257,18 +261,26 @@ def _tiled_contract_backward(
         for k, g in enumerate(grads[1:]):
             if g is not None:
                 acc = dfactors[k]
-                dfactors[k] = g.clone() if acc is None else acc.add_(g)
+                dfactors[k] = g.to(acc_dtype, copy=True) if acc is None else acc.add_(g)
         if drows is not None:
-            drows.add_(grad[start:stop].sum(0))
+            drows.add_(grad[start:stop].sum(0, dtype=acc_dtype))
     out = [dx]
     for k, f in enumerate(factors):
         acc = dfactors[k]
         if acc is None:
             acc = f.new_zeros(f.shape) if needs[k + 1] else f.new_empty(0)
-        out.append(acc.contiguous())
+        out.append(acc.to(f.dtype).contiguous())
     if len(needs) > n:
-        out.append(grad.new_empty(0) if drows is None else drows)
+        out.append(grad.new_empty(0) if drows is None else drows.to(grad.dtype))
     return out
+
+
+def _check_needs(needs: Sequence[bool], factors: Sequence[Tensor]) -> int:
+    """``1 + len(factors)``: ``needs`` has a flag per operand, and maybe one for the bias."""
+    n = 1 + len(factors)
+    if len(needs) not in (n, n + 1):
+        raise ValueError(f"tiled_contract_backward: {len(needs)} flags for {n} operands")
+    return n
 
 
 tiled_contract_backward = torch.library.custom_op(
@@ -287,11 +299,11 @@ PYTHON_IMPLS: dict[str, Callable[..., Any]] = {
 def _tiled_contract_backward_fake(
     grad: Tensor, x: Tensor, factors: list[Tensor], program: str, tile: int, needs: list[bool]
 ) -> list[Tensor]:
+    n = _check_needs(needs, factors)
     out = [x.new_empty(x.shape) if needs[0] else x.new_empty(0)]
-    flags = needs[1 : 1 + len(factors)]
-    out += [f.new_empty(f.shape if n else 0) for f, n in zip(factors, flags, strict=True)]
-    if len(needs) > 1 + len(factors):
-        out.append(grad.new_empty(grad.shape[1:] if needs[-1] else 0))
+    out += [f.new_empty(f.shape if w else 0) for f, w in zip(factors, needs[1:n], strict=True)]
+    if len(needs) > n:
+        out.append(grad.new_empty(grad.shape[1:] if needs[n] else 0))
     return out
 
 
@@ -326,7 +338,10 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
 
 
 def _summed_to(row_grad: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """The rows' summed gradient ``(h1..hN)`` summed to a bias of ``shape`` (broadcast to a row)."""
+    """The rows' summed gradient ``(h1..hN)`` summed to a bias of ``shape`` (broadcast to a row).
+
+    A bias with more dims than a row has leading 1s (it broadcasts against every row).
+    """
     if len(shape) > row_grad.dim():
         row_grad = row_grad.reshape((1,) * (len(shape) - row_grad.dim()) + tuple(row_grad.shape))
     return row_grad.sum_to_size(shape)
