@@ -132,12 +132,39 @@ def capture_linear_calls(model: nn.Module, example: ExampleInputs) -> Capture:
         A :class:`Capture`; export first, forward hooks where export fails.
     """
     try:
-        return _export_calls(model, example)
+        capture = _export_calls(model, example)
     except Exception as exc:  # any export failure falls back to hooks, with the reason
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
         capture = _hook_calls(model, example)
         capture.fallback_reason = reason[:300]
         return capture
+    _add_subclass_calls(model, example, capture)
+    return capture
+
+
+def _add_subclass_calls(model: nn.Module, example: ExampleInputs, capture: Capture) -> None:
+    """Calls of ``nn.Linear`` subclasses whose forward export shows as other ops.
+
+    A subclass may write the product as ``input @ self.weight.T`` (transformers'
+    ``FalconLinear``), which the graph holds as a matmul, not a linear. Such layers
+    are found by one more eager run with forward hooks on them alone; whether their
+    forward really is a Linear is checked later
+    (:func:`~ndcompile.frontend.sites.forward_is_linear`).
+    """
+    seen = {c.name for c in capture.calls}
+    missing = {
+        name
+        for name, module in model.named_modules()
+        if name
+        and isinstance(module, nn.Linear)
+        and type(module) is not nn.Linear
+        and name not in seen
+    }
+    if not missing:
+        return
+    # On failure the layers stay "not called", as export saw them.
+    with contextlib.suppress(Exception):
+        capture.calls += _hook_calls(model, example, only=missing).calls
 
 
 def _export_calls(model: nn.Module, example: ExampleInputs) -> Capture:
@@ -218,12 +245,12 @@ def _describe_call(
     return LinearCall(owner, kind or "F.linear", shape, modes, param, caller)
 
 
-def _hook_calls(model: nn.Module, example: ExampleInputs) -> Capture:
+def _hook_calls(model: nn.Module, example: ExampleInputs, only: set[str] | None = None) -> Capture:
     capture = Capture("forward hooks")
     handles = []
     for name, module in model.named_modules():
         kind = linear_like(module)
-        if kind is None or not name:
+        if kind is None or not name or (only is not None and name not in only):
             continue
 
         def hook(_m: nn.Module, args: tuple, *, _n: str = name, _k: str = kind) -> None:

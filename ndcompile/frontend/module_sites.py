@@ -18,7 +18,13 @@ from torch.nn.utils import parametrize
 
 from ndcompile.errors import NdCompileError
 from ndcompile.frontend.capture import Capture, LinearCall, linear_like
-from ndcompile.frontend.sites import LinearSite, ShapeOverrides, plan_site, tied_parameters
+from ndcompile.frontend.sites import (
+    LinearSite,
+    ShapeOverrides,
+    plan_site,
+    subclass_skip_reason,
+    tied_parameters,
+)
 from ndcompile.frontend.trace import is_reference_ndlinear
 
 __all__ = ["conv1d_as_linear", "plan_module_sites"]
@@ -149,8 +155,8 @@ def _site(
             f"its weight is used by F.linear inside {caller!r}, not through its own forward: "
             "replacing the module would not change that call"
         )
-    elif kind == "Linear" and type(module) is not nn.Linear:
-        site.skip_reason = f"{type(module).__name__} subclasses nn.Linear; its forward may differ"
+    elif kind == "Linear":
+        site.skip_reason = subclass_skip_reason(linear, found[0].input_shape)
     return site
 
 

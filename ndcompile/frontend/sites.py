@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ndcompile.compress.kronecker_shapes import plan_mode_shapes
@@ -32,9 +33,11 @@ __all__ = [
     "LinearSite",
     "ShapeOverrides",
     "find_linear_sites",
+    "forward_is_linear",
     "is_selected",
     "merged_modes",
     "order_like",
+    "subclass_skip_reason",
 ]
 
 ShapeOverrides = Mapping[str, tuple[Sequence[int], Sequence[int]]]
@@ -235,10 +238,8 @@ def find_linear_sites(
         site.rows = math.prod(shape[:-1])
         if site.in_shape is not None or site.skip_reason is not None:
             continue
-        if type(module) is not nn.Linear:
-            site.skip_reason = (
-                f"{type(module).__name__} subclasses nn.Linear; its forward may differ"
-            )
+        site.skip_reason = subclass_skip_reason(module, shape)
+        if site.skip_reason is not None:
             continue
         graph_modes = _graph_modes(x, module.in_features)
         plan_site(
@@ -308,3 +309,51 @@ def plan_site(
         )
         return
     site.in_shape, site.out_shape = modes, order_like(out, modes)
+
+
+def forward_is_linear(module: nn.Linear, input_shape: Sequence[int]) -> bool:
+    """Whether a subclass of ``nn.Linear`` computes ``F.linear`` with its own weight and bias.
+
+    Some model libraries subclass ``nn.Linear`` to write the same product another way
+    (transformers' ``FalconLinear``: ``input @ self.weight.T + self.bias``); others add
+    to it (scaling, adapters, dropout). The forward runs once, without gradients, on a
+    seeded random input of the call's rank with at most two rows per leading dim, and is
+    compared with ``F.linear``. A forward that fails, differs, or cannot run (weights on
+    the meta device) counts as different.
+
+    Args:
+        module: The layer.
+        input_shape: The shape of one of its calls' input.
+
+    Returns:
+        True when both agree to float tolerance.
+    """
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or not weight.is_floating_point():
+        return False
+    rows = tuple(min(int(d), 2) for d in input_shape[:-1])
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(*rows, module.in_features, generator=gen, dtype=torch.float64)
+    probe = probe.to(device=weight.device, dtype=weight.dtype)
+    try:
+        with torch.no_grad():
+            got = module(probe)
+            want = F.linear(probe, weight, module.bias)
+    except Exception:  # a forward that needs more than one tensor is not a plain Linear
+        return False
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+        return False
+    tol = 1e-3 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    return bool(
+        torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp(min=1)))
+    )
+
+
+def subclass_skip_reason(module: nn.Linear, input_shape: Sequence[int]) -> str | None:
+    """Why a subclass of ``nn.Linear`` is not converted, or None (plain, or computes F.linear)."""
+    if type(module) is nn.Linear or forward_is_linear(module, input_shape):
+        return None
+    return (
+        f"{type(module).__name__} subclasses nn.Linear and its forward differs from "
+        "F.linear on a probe input"
+    )
