@@ -12,6 +12,7 @@ import ndcompile
 from ndcompile import NdCompileError, NdLinear
 from ndcompile.backends.rebuild import layer_specs, rebuild_layers
 from ndcompile.frontend.inputs import example_inputs, tensor_leaves
+from ndcompile.pipeline.surgery import stacked_weights_note
 
 MODES = {"fresh": {}, "factorize": {"rank": 2}, "adapter": {}, "exact": {}}
 
@@ -216,3 +217,44 @@ def test_progress_bar_counts_the_fitted_layers(capsys) -> None:
     assert "factorize layers" in err and "/2 [" in err  # total: the 2 layers fitted
     ndcompile.convert(model, torch.randn(2, 64), mode="factorize", rank=1)
     assert "factorize layers" not in capsys.readouterr().err
+
+
+class _Experts(nn.Module):
+    """Fused expert weights (E, out, in), applied with einsum: not a Linear-like layer."""
+
+    def __init__(self, experts: int, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, features, features) / features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,eoi->bo", x, self.weight)
+
+
+def test_stacked_weights_are_named_in_the_report() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), _Experts(8, 16))
+    converted = ndcompile.convert(model, torch.randn(4, 16), mode="fresh")
+    notes = [n for n in converted.report.notes if "3-D weights" in n]
+    assert len(notes) == 1 and notes[0].startswith("88% of the parameters")  # 2,048 of 2,320
+    assert "1.weight" in notes[0]
+    assert stacked_weights_note(nn.Sequential(nn.Linear(16, 16), nn.Conv1d(4, 4, 3))) is None
+    assert stacked_weights_note(nn.Sequential(nn.Linear(64, 64), _Experts(1, 8))) is None
+
+
+def test_mixtral_experts_are_named_in_the_report() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=1,
+        vocab_size=100,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = transformers.MixtralModel(config).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    converted = ndcompile.convert(model, {"input_ids": ids}, mode="fresh", rank=1)
+    assert any("layers.0.mlp.experts.gate_up_proj" in n for n in converted.report.notes)
+    assert {e.name for e in converted.report.converted} >= {"layers.0.self_attn.q_proj"}

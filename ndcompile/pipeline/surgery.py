@@ -54,7 +54,13 @@ from ndcompile.pipeline.weights import (
 from ndcompile.progress import progress
 from ndcompile.report import ConversionReport, LayerReport
 
-__all__ = ["convert_module", "find_module_sites", "install_layer"]
+__all__ = [
+    "STACKED_SHARE",
+    "convert_module",
+    "find_module_sites",
+    "install_layer",
+    "stacked_weights_note",
+]
 
 #: Hook dicts of an ``nn.Module`` (name -> whether it holds hooks, or their flags).
 _HOOK_DICTS = {
@@ -114,6 +120,9 @@ def find_module_sites(
             "hooks (modes come from the feature sizes; functional calls are not seen)"
         )
     notes.append(f"layers found with {capture.method}")
+    stacked = stacked_weights_note(model)
+    if stacked is not None:
+        notes.append(stacked)
     return plan_module_sites(
         model,
         capture,
@@ -122,6 +131,39 @@ def find_module_sites(
         exclude=opts.exclude,
         n_modes=opts.n_modes,
         min_features=opts.min_features,
+    )
+
+
+#: Share of a model's parameters in stacked weights above which the report says so.
+STACKED_SHARE = 0.1
+
+
+def stacked_weights_note(model: nn.Module) -> str | None:
+    """A note when 3-D weights outside convolutions hold much of the model's parameters.
+
+    Some layers keep several matrices in one tensor (transformers' fused
+    mixture-of-experts weights, ``experts.gate_up_proj`` of shape ``(E, 2I, H)``).
+    They are not Linear-like layers, so ``convert`` leaves them dense; the note keeps
+    that from passing unnoticed.
+
+    Returns:
+        The note, or None when such weights hold less than :data:`STACKED_SHARE`.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    found = [
+        (f"{owner}.{name}" if owner else name, p.numel())
+        for owner, module in model.named_modules()
+        if not isinstance(module, nn.modules.conv._ConvNd)
+        for name, p in module.named_parameters(recurse=False)
+        if p.dim() == 3
+    ]
+    share = sum(n for _, n in found) / max(total, 1)
+    if not found or share < STACKED_SHARE:
+        return None
+    names = ", ".join(name for name, _ in found[:3]) + (", ..." if len(found) > 3 else "")
+    return (
+        f"{share:.0%} of the parameters are in 3-D weights that are not Linear-like layers "
+        f"and stay dense ({names}; e.g. fused mixture-of-experts weights)"
     )
 
 
