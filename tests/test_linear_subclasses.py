@@ -56,7 +56,10 @@ def test_forward_is_linear(cls: type[nn.Linear], bias: bool, expected: bool) -> 
 
 
 def test_meta_weights_and_dropout_count_as_different() -> None:
-    assert not forward_is_linear(MatmulLinear(12, 6, device="meta"), (3, 12))
+    meta = MatmulLinear(12, 6, device="meta")
+    assert not forward_is_linear(meta, (3, 12))
+    reason = subclass_skip_reason(meta, (3, 12))
+    assert reason is not None and "meta device" in reason
 
     class Dropped(nn.Linear):  # a forward that draws randomness
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -353,6 +353,11 @@ def subclass_skip_reason(module: nn.Linear, input_shape: Sequence[int]) -> str |
     """Why a subclass of ``nn.Linear`` is not converted, or None (plain, or computes F.linear)."""
     if type(module) is nn.Linear or forward_is_linear(module, input_shape):
         return None
+    if module.weight.is_meta:
+        return (
+            f"{type(module).__name__} subclasses nn.Linear, and its forward cannot be "
+            "checked against F.linear with its weights on the meta device"
+        )
     return (
         f"{type(module).__name__} subclasses nn.Linear and its forward differs from "
         "F.linear on a probe input"
