@@ -238,6 +238,9 @@ def test_stacked_weights_are_named_in_the_report() -> None:
     assert "1.weight" in notes[0]
     assert stacked_weights_note(nn.Sequential(nn.Linear(16, 16), nn.Conv1d(4, 4, 3))) is None
     assert stacked_weights_note(nn.Sequential(nn.Linear(64, 64), _Experts(1, 8))) is None
+    shared = _Experts(8, 16)
+    twice = stacked_weights_note(nn.Sequential(nn.Linear(16, 16), shared, shared))
+    assert twice is not None and twice.startswith("88% of the parameters")  # counted once
 
 
 def test_mixtral_experts_are_named_in_the_report() -> None:

@@ -150,13 +150,15 @@ def stacked_weights_note(model: nn.Module) -> str | None:
         The note, or None when such weights hold less than :data:`STACKED_SHARE`.
     """
     total = sum(p.numel() for p in model.parameters())
-    found = [
-        (f"{owner}.{name}" if owner else name, p.numel())
-        for owner, module in model.named_modules()
-        if not isinstance(module, nn.modules.conv._ConvNd)
-        for name, p in module.named_parameters(recurse=False)
-        if p.dim() == 3
-    ]
+    found: list[tuple[str, int]] = []
+    seen: set[int] = set()  # a weight shared by two modules counts once, as in ``total``
+    for owner, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 and id(p) not in seen:
+                seen.add(id(p))
+                found.append((f"{owner}.{name}" if owner else name, p.numel()))
     share = sum(n for _, n in found) / max(total, 1)
     if not found or share < STACKED_SHARE:
         return None
