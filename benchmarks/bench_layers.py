@@ -28,6 +28,7 @@ Usage::
     python benchmarks/bench_layers.py --scaling --threads 2   # time vs batch / mode size
     python benchmarks/bench_layers.py --cases cube16_b256 --profile
     python benchmarks/bench_layers.py --autotune --threads 2   # plans chosen by timing
+    python benchmarks/bench_layers.py --autotune inductor      # ... timed compiled
 """
 
 from __future__ import annotations
@@ -95,7 +96,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of each case")
     p.add_argument(
-        "--autotune", action="store_true", help="plan ndcompile layers by timing candidates"
+        "--autotune",
+        nargs="?",
+        const="eager",
+        default=False,
+        choices=("eager", "inductor"),
+        help="plan ndcompile layers by timing candidates: eagerly (the default with no "
+        "value) or compiled by inductor (the plan the nd_inductor column runs)",
     )
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     return p.parse_args(argv)

@@ -45,7 +45,7 @@ def bench_case(
     min_iters: int,
     max_iters: int,
     max_dense_params: float,
-    autotune: bool = False,
+    autotune: bool | str = False,
 ) -> dict[str, Any]:
     """Run every variant of one case; returns its JSON record."""
     torch._dynamo.reset()
@@ -67,6 +67,7 @@ def bench_case(
         "reference_flops": ref_flops,
         "naive_flops": int(nd.plan().naive_flops),
         "dense_flops": dense_flops,
+        "plan": (choice := nd.plan_choice()) and choice.chosen.label,
         "plan_ops": {op: nd.plan().program.count(op) for op in ("matmul", "permute", "reshape")},
         "tile": nd.tile if case.batch > 2 * nd.tile else 0,
         "variants": {},

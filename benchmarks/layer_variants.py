@@ -89,12 +89,13 @@ def build_variants(
     *,
     compile_: bool,
     max_dense_params: float,
-    autotune: bool = False,
+    autotune: bool | str = False,
 ) -> tuple[dict[str, nn.Module], dict[str, str], NdLinear]:
     """All variants of ``case`` sharing the reference layer's weights.
 
     ``autotune`` plans the ndcompile layer by timing candidates (the reference
-    schedule and the dense block among them) instead of by the cost model.
+    schedule and layout and the dense block among them) instead of by the cost
+    model: ``"eager"``/``True`` eagerly, ``"inductor"`` compiled by inductor.
 
     Returns:
         ``(modules, skipped, nd_layer)``: runnable variants, skip reasons by name,

@@ -95,7 +95,7 @@ def test_plan_choice_prints_candidates() -> None:
 def test_autotune_times_then_hits_cache(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     calls: list[str] = []
 
-    def fake_time(cand, operands, reps):  # type: ignore[no-untyped-def]
+    def fake_time(cand, operands, reps, mode):  # type: ignore[no-untyped-def]
         calls.append(cand.label)
         return 1.0 if cand.label == "modes 0 | 1⊗2" else 10.0
 
@@ -124,7 +124,7 @@ def test_autotune_always_times_the_reference_schedule_and_the_dense_block(
 ) -> None:
     calls: list[str] = []
 
-    def fake_time(cand, operands, reps):  # type: ignore[no-untyped-def]
+    def fake_time(cand, operands, reps, mode):  # type: ignore[no-untyped-def]
         calls.append(cand.label)
         return 1.0 if cand.label == winner else 10.0
 
@@ -134,7 +134,7 @@ def test_autotune_always_times_the_reference_schedule_and_the_dense_block(
     rank = [c.label for c in estimated.candidates].index(winner)
     assert rank >= 1, "the case must not already time the winner as the best estimate"
     choice = plan_ndlinear(*shapes, batch=16, machine=MACHINE, autotune=True, top_k=1)
-    assert {reference, "modes 0⊗1⊗2"} <= set(calls)
+    assert {reference, "reference layout", "modes 0⊗1⊗2"} <= set(calls)
     assert choice.chosen.label == winner and choice.chosen.measured_us == 1.0
     assert len(choice.candidates) == len(estimated.candidates)
 

@@ -168,7 +168,9 @@ def conversion_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{flag} applies to --mode factorize only, not {args.mode!r}")
     if budget is not None and budget > 1:
         raise UsageError(f"--budget is a fraction of the dense parameters (0, 1], got {budget}")
+    autotune = {"autotune": args.autotune} if getattr(args, "autotune", None) else {}
     return {
+        **autotune,
         "mode": args.mode,
         "rank": args.rank,
         "tol": args.tol,

@@ -141,6 +141,16 @@ def _add_conversion_options(p: argparse.ArgumentParser, *, mode_required: bool) 
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="auto", help="contraction order")
 
 
+def _add_autotune_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--autotune",
+        choices=("eager", "inductor"),
+        help="plan each layer by timing candidate plans on the example's shapes: eagerly, "
+        "or compiled by inductor for a model that will run under torch.compile "
+        "(default: the cost model)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ndcompile`` argument parser with its ``convert``, ``inspect``, ``bench`` commands."""
     parser = _Parser(
@@ -156,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("model", metavar="MODULE:FACTORY", help="pkg.module:fn or file.py:fn")
     _add_model_options(conv)
     _add_conversion_options(conv, mode_required=True)
+    _add_autotune_option(conv)
     conv.add_argument("--calibration", metavar="DATA", help="inputs (tensor or list) for fitting")
     conv.add_argument(
         "--weights-on-disk",
@@ -196,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("model", metavar="MODULE:FACTORY", help="pkg.module:fn or file.py:fn")
     _add_model_options(bench)
     _add_conversion_options(bench, mode_required=False)
+    _add_autotune_option(bench)
     bench.add_argument("--repeat", type=_positive_int, default=20, help="timed runs")
     bench.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     bench.add_argument("--threads", type=_positive_int, help="torch.set_num_threads")

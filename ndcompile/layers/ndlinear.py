@@ -27,6 +27,7 @@ from ndcompile.layers.construction import (
     init_like_linear,
 )
 from ndcompile.layers.execution import apply_ndlinear, mode_bias
+from ndcompile.planner.autotune import autotune_setting
 from ndcompile.planner.plan import PlanChoice, plan_ndlinear
 
 __all__ = ["NdLinear"]
@@ -52,7 +53,9 @@ class NdLinear(nn.Module):
             the cost model of :mod:`ndcompile.plan`; ``"flops"`` uses opt_einsum's
             FLOP-optimal order only.
         autotune: Time the best candidate plans on the real shapes and keep the
-            fastest (cached on disk per shape/dtype/device).
+            fastest (cached on disk per shape/dtype/device): ``True`` times them
+            eagerly, ``"inductor"`` compiled by inductor (for a layer that will run
+            under ``torch.compile``), ``False`` plans by the cost model.
         flat: Take and return flattened modes, ``(*, prod d) -> (*, prod h)``, the
             ``nn.Linear`` convention (a drop-in replacement for a Linear).
         recompute: In training, save only the input and the factors for backward and
@@ -87,7 +90,7 @@ class NdLinear(nn.Module):
         lowrank: int = 0,
         plan_batch: int = 64,
         planner: str = "cost",
-        autotune: bool = False,
+        autotune: bool | str = False,
         flat: bool = False,
         recompute: bool = True,
         tile: int | str = "auto",
@@ -109,7 +112,7 @@ class NdLinear(nn.Module):
                 f"unknown planner {planner!r}; valid planners are: {', '.join(PLANNERS)}"
             )
         self.planner = planner
-        self.autotune = bool(autotune)
+        self.autotune = autotune_setting(autotune)
         self._choice: PlanChoice | None = None
         self._set_plan(self._make_plan(dtype), dtype)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -193,13 +196,13 @@ class NdLinear(nn.Module):
         *,
         optimizer: str | None = None,
         plan_batch: int | None = None,
-        autotune: bool | None = None,
+        autotune: bool | str | None = None,
     ) -> None:
         """Plan again for another optimizer, typical batch size or autotune setting."""
         self.optimizer = check_optimizer(optimizer or self.optimizer)
         self.plan_batch = int(plan_batch or self.plan_batch)
         if autotune is not None:
-            self.autotune = autotune
+            self.autotune = autotune_setting(autotune)
         dtype = self.factors[0].dtype
         self._set_plan(self._make_plan(dtype), dtype)
 

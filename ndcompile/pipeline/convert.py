@@ -47,7 +47,7 @@ def convert(
     n_modes: int = 2,
     min_features: int = 16,
     optimizer: str = "auto",
-    autotune: bool = False,
+    autotune: bool | str = False,
     skip_larger: bool = True,
     alpha: float = 1.0,
     zero_init: bool = True,
@@ -97,7 +97,9 @@ def convert(
         n_modes: Modes to split a feature size into when the input gives none.
         min_features: Layers with fewer input or output features stay dense.
         optimizer: Contraction-order optimizer (see ``ndcompile.ir.network.OPTIMIZERS``).
-        autotune: Time the best candidate plans of each layer on the example's shapes.
+        autotune: Time the best candidate plans of each layer on the example's shapes
+            (``True``: eagerly; ``"inductor"``: compiled by inductor, for a model that
+            will run under ``torch.compile``) instead of trusting the cost model.
         skip_larger: Keep a layer dense when its factorization would have more
             parameters than the dense layer (otherwise convert it anyway).
         alpha: ``adapter``: scale of the adapter update ``ΔW = alpha * (A1 ⊗ ... ⊗ AN)``.

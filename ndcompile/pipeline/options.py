@@ -17,6 +17,7 @@ from torch import nn
 
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.network import check_optimizer
+from ndcompile.planner.autotune import autotune_setting
 
 __all__ = ["MODES", "OUTPUTS", "ConvertOptions", "Rank"]
 
@@ -92,7 +93,7 @@ class ConvertOptions:
     n_modes: int = 2
     min_features: int = 16
     optimizer: str = "auto"
-    autotune: bool = False
+    autotune: bool | str = False
     skip_larger: bool = True
     alpha: float = 1.0
     zero_init: bool = True
@@ -115,6 +116,7 @@ class ConvertOptions:
             )
         check_optimizer(self.optimizer)
         set_ = object.__setattr__
+        set_(self, "autotune", autotune_setting(self.autotune))
         set_(self, "include", _patterns(self.include, "include"))
         set_(self, "exclude", _patterns(self.exclude, "exclude"))
         set_(self, "leaf_modules", tuple(self.leaf_modules))

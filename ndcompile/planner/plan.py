@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from itertools import combinations, pairwise, permutations
 
@@ -35,8 +33,14 @@ import torch
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.ir.program import ContractionProgram
 from ndcompile.ir.terms import sum_of_terms
+from ndcompile.planner import autotune as tuning
 from ndcompile.planner.cache import autotune_cache
 from ndcompile.planner.machine import MachineModel, machine_model
+from ndcompile.planner.reference import (
+    reference_layout_plan,
+    reference_schedule,
+    sequential_path,
+)
 
 __all__ = [
     "Candidate",
@@ -45,6 +49,7 @@ __all__ = [
     "groupings",
     "is_dense_block",
     "plan_ndlinear",
+    "reference_layout_plan",
     "reference_schedule",
 ]
 
@@ -78,6 +83,9 @@ class Candidate:
         chains: Rank R > 1 run as R separate rank-1 chains (each planned as
             ``grouping``/``order``) and added, instead of stacked factors (one
             GEMM per mode over all R terms, the sum folded into the last one).
+        layout: ``"reference"`` for the reference layer's own op sequence
+            (:func:`~ndcompile.planner.reference.reference_layout_plan`), else empty
+            (ndcompile's lowering).
     """
 
     grouping: tuple[tuple[int, ...], ...]
@@ -86,10 +94,13 @@ class Candidate:
     measured_us: float | None = None
     order: tuple[int, ...] | None = None
     chains: int = 0
+    layout: str = ""
 
     @property
     def label(self) -> str:
         """Short description: ``modes 0 | 1⊗2``, ``order 1,0``, ``4 chains: order 1,0``."""
+        if self.layout:
+            return f"{self.layout} layout"
         if self.order is not None:
             label = "order " + ",".join(map(str, self.order))
         else:
@@ -105,13 +116,13 @@ class PlanChoice:
     candidates: list[Candidate] = field(default_factory=list)
     autotuned: bool = False
     cache_hit: bool = False
+    mode: str = "eager"
 
     def __str__(self) -> str:
-        how = (
-            "autotuned" + (" (cached)" if self.cache_hit else "")
-            if self.autotuned
-            else "cost model"
-        )
+        how = "cost model"
+        if self.autotuned:
+            how = "autotuned" + (" under inductor" if self.mode == "inductor" else "")
+            how += " (cached)" if self.cache_hit else ""
         lines = [f"  plan ({how}): {self.chosen.label}", str(self.chosen.plan)]
         lines.append("  candidates (estimated µs | measured µs | FLOPs):")
         for cand in self.candidates:
@@ -164,19 +175,6 @@ def estimate_us(program: ContractionProgram, machine: MachineModel, itemsize: in
     return total
 
 
-def _sequential_path(order: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Path applying the modes to ``x`` one at a time in ``order`` (operands x, W0..)."""
-    labels = ["x", *(f"W{k}" for k in range(len(order)))]
-    path: list[tuple[int, ...]] = []
-    for k in order:
-        i, j = sorted((labels.index("x"), labels.index(f"W{k}")))
-        path.append((i, j))
-        labels.pop(j)
-        labels.pop(i)
-        labels.append("x")
-    return path
-
-
 def _grouping_path(
     tn: TensorNetwork, grouping: tuple[tuple[int, ...], ...], nominal_batch: int
 ) -> list[tuple[int, ...]] | None:
@@ -213,15 +211,6 @@ def _grouping_path(
     return path
 
 
-def _autotune_key(
-    in_shape: tuple, out_shape: tuple, rank: int, batch: int, dtype: torch.dtype, device: str
-) -> str:
-    return (
-        f"{in_shape}->{out_shape} r{rank} b{batch} {dtype} {device} "
-        f"t{torch.get_num_threads()} torch{torch.__version__}"
-    )
-
-
 def _load_cache() -> dict[str, str]:
     return autotune_cache().load()
 
@@ -230,23 +219,8 @@ def _store_cache(key: str, label: str) -> None:
     autotune_cache().set(key, label)
 
 
-def _time_candidate(cand: Candidate, operands: list[torch.Tensor], reps: int) -> float:
-    run = cand.plan.program.run
-    with torch.no_grad():
-        run(*operands)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            run(*operands)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
-def reference_schedule(
-    tn: TensorNetwork, n_modes: int, batch: int, optimizer: str = "auto"
-) -> NetworkPlan:
-    """The reference NdLinear's own schedule: modes applied one at a time, first to last."""
-    return tn.plan(optimizer, nominal_batch=batch, path=_sequential_path(tuple(range(n_modes))))
+def _time_candidate(cand: Candidate, operands: list[torch.Tensor], reps: int, mode: str) -> float:
+    return tuning.time_program(cand.plan.program, operands, reps, mode)
 
 
 def is_dense_block(cand: Candidate, n_modes: int) -> bool:
@@ -286,6 +260,57 @@ def _chain_candidates(
     return out
 
 
+def _candidates(
+    tn: TensorNetwork,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    rank: int,
+    batch: int,
+    optimizer: str,
+    model: MachineModel,
+    itemsize: int,
+) -> list[Candidate]:
+    """Every distinct plan: groupings x orders, the reference layout, rank-R chains."""
+    n = len(in_shape)
+    seen: set[tuple] = set()
+    cands: list[Candidate] = []
+    options: list[tuple[tuple[tuple[int, ...], ...], tuple[int, ...] | None]] = []
+    for grouping in groupings(n):
+        options.append((grouping, None))
+        if all(len(g) == 1 for g in grouping) and n <= MAX_ORDER_MODES:
+            # The FLOP-optimal order is not always the fastest: applying a mode that
+            # grows the activation last keeps the cheap small-K products small.
+            options.extend((grouping, order) for order in permutations(range(n)))
+        elif all(len(g) == 1 for g in grouping):
+            options.append((grouping, tuple(range(n))))  # the reference's order
+    for grouping, order in options:
+        if order is not None:
+            plan = tn.plan(optimizer, nominal_batch=batch, path=sequential_path(order))
+        elif all(len(g) == 1 for g in grouping):
+            plan = tn.plan(optimizer, nominal_batch=batch)
+        else:
+            path = _grouping_path(tn, grouping, batch)
+            if path is None:
+                continue
+            plan = tn.plan(optimizer, nominal_batch=batch, path=path)
+        key = tuple(plan.program.instructions)
+        if key in seen:
+            continue
+        seen.add(key)
+        est = estimate_us(plan.program, model, itemsize)
+        cands.append(Candidate(grouping, plan, est, order=order))
+    if rank == 1:
+        plan = reference_layout_plan(tn, in_shape, out_shape, batch, optimizer)
+        if tuple(plan.program.instructions) not in seen:
+            est = estimate_us(plan.program, model, itemsize)
+            singles = tuple((k,) for k in range(n))
+            cands.append(Candidate(singles, plan, est, order=tuple(range(n)), layout="reference"))
+    if rank > 1:
+        cands += _chain_candidates(tn, in_shape, out_shape, rank, batch, optimizer, model, itemsize)
+    cands.sort(key=lambda c: c.est_us)
+    return cands
+
+
 def plan_ndlinear(
     in_shape: tuple[int, ...],
     out_shape: tuple[int, ...],
@@ -294,7 +319,7 @@ def plan_ndlinear(
     batch: int = 64,
     optimizer: str = "auto",
     machine: MachineModel | None = None,
-    autotune: bool = False,
+    autotune: bool | str = False,
     top_k: int = 3,
     reps: int = 7,
     dtype: torch.dtype = torch.float32,
@@ -309,9 +334,11 @@ def plan_ndlinear(
         batch: Typical number of rows (leading dims flattened).
         optimizer: opt_einsum optimizer for the per-mode candidate.
         machine: Cost-model constants (default: measured once and cached).
-        autotune: Time the ``top_k`` best-estimated candidates, the reference
-            schedule and the dense block (when planned), and keep the fastest
-            (decision cached on disk).
+        autotune: ``True``/``"eager"`` times the ``top_k`` best-estimated
+            candidates, the reference schedule and layout and the dense block (when
+            planned) and keeps the fastest; ``"inductor"`` times them compiled by
+            inductor (for layers that run under ``torch.compile``). Decisions are
+            cached on disk. ``False`` (``"off"``) uses the cost model.
         top_k: Candidates timed when autotuning.
         reps: Timed repetitions per candidate.
         dtype: Dtype used for timing and element sizes.
@@ -319,53 +346,32 @@ def plan_ndlinear(
 
     Returns:
         The choice, with every candidate's estimate.
+
+    Raises:
+        NdCompileError: On an unknown optimizer or autotune setting, or when
+            ``autotune="inductor"`` cannot compile here.
     """
     check_optimizer(optimizer)
+    mode = tuning.check_autotune(autotune)
     tn = TensorNetwork.from_ndlinear(in_shape, out_shape, rank)
     itemsize = torch.empty((), dtype=dtype).element_size()
     model = machine or machine_model(device)
-    seen: set[tuple] = set()
-    cands: list[Candidate] = []
-    options: list[tuple[tuple[tuple[int, ...], ...], tuple[int, ...] | None]] = []
-    for grouping in groupings(len(in_shape)):
-        options.append((grouping, None))
-        if all(len(g) == 1 for g in grouping) and len(in_shape) <= MAX_ORDER_MODES:
-            # The FLOP-optimal order is not always the fastest: applying a mode that
-            # grows the activation last keeps the cheap small-K products small.
-            options.extend((grouping, order) for order in permutations(range(len(in_shape))))
-        elif all(len(g) == 1 for g in grouping):
-            options.append((grouping, tuple(range(len(in_shape)))))  # the reference's order
-    for grouping, order in options:
-        if order is not None:
-            plan = tn.plan(optimizer, nominal_batch=batch, path=_sequential_path(order))
-        elif all(len(g) == 1 for g in grouping):
-            plan = tn.plan(optimizer, nominal_batch=batch)
-        else:
-            path = _grouping_path(tn, grouping, batch)
-            if path is None:
-                continue
-            plan = tn.plan(optimizer, nominal_batch=batch, path=path)
-        key = tuple(plan.program.instructions)
-        if key in seen:
-            continue
-        seen.add(key)
-        est = estimate_us(plan.program, model, itemsize)
-        cands.append(Candidate(grouping, plan, est, order=order))
-    if rank > 1:
-        cands += _chain_candidates(tn, in_shape, out_shape, rank, batch, optimizer, model, itemsize)
-    cands.sort(key=lambda c: c.est_us)
-    if not autotune:
+    cands = _candidates(tn, in_shape, out_shape, rank, batch, optimizer, model, itemsize)
+    if mode == "off":
         return PlanChoice(cands[0], cands)
     # Whatever their estimates, autotune also times the reference NdLinear's own
-    # schedule (modes applied one at a time, first to last) and the dense layer (all
-    # modes in one Kronecker block, one GEMM; planned when small enough to build):
-    # the timed winner is never slower than either on the machine that runs it.
+    # schedule (modes applied one at a time, first to last, in ndcompile's layout and
+    # in the reference's own) and the dense layer (all modes in one Kronecker block,
+    # one GEMM; planned when small enough to build): the timed winner is never slower
+    # than either on the machine that runs it, eagerly or compiled as timed.
     n = len(in_shape)
-    cache_key = _autotune_key(tuple(in_shape), tuple(out_shape), rank, batch, dtype, device)
+    cache_key = tuning.autotune_key(
+        tuple(in_shape), tuple(out_shape), rank, batch, dtype, device, mode
+    )
     label = _load_cache().get(cache_key)
     for cand in cands:
         if cand.label == label:
-            return PlanChoice(cand, cands, autotuned=True, cache_hit=True)
+            return PlanChoice(cand, cands, autotuned=True, cache_hit=True, mode=mode)
     gen = torch.Generator().manual_seed(0)
     operands = [torch.randn(batch, *in_shape, generator=gen, dtype=dtype).to(device)]
     for d, h in zip(in_shape, out_shape, strict=True):
@@ -377,10 +383,13 @@ def plan_ndlinear(
         for k, c in enumerate(cands)
         if k < top_k
         or is_dense_block(c, n)
+        or c.layout == "reference"
         or (not c.chains and c.plan.program.instructions == reference)
     ]
-    timed = [dataclasses.replace(c, measured_us=_time_candidate(c, operands, reps)) for c in chosen]
+    timed = [
+        dataclasses.replace(c, measured_us=_time_candidate(c, operands, reps, mode)) for c in chosen
+    ]
     cands = timed + [c for c in cands if not any(c is t for t in chosen)]
     best = min(timed, key=lambda c: c.measured_us or math.inf)
     _store_cache(cache_key, best.label)
-    return PlanChoice(best, cands, autotuned=True)
+    return PlanChoice(best, cands, autotuned=True, mode=mode)
