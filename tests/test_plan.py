@@ -95,7 +95,7 @@ def test_plan_choice_prints_candidates() -> None:
 def test_autotune_times_then_hits_cache(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     calls: list[str] = []
 
-    def fake_time(cand, operands, reps, mode):  # type: ignore[no-untyped-def]
+    def fake_time(cand, operands, reps, mode, tile=0):  # type: ignore[no-untyped-def]
         calls.append(cand.label)
         return 1.0 if cand.label == "modes 0 | 1⊗2" else 10.0
 
@@ -124,7 +124,7 @@ def test_autotune_always_times_the_reference_schedule_and_the_dense_block(
 ) -> None:
     calls: list[str] = []
 
-    def fake_time(cand, operands, reps, mode):  # type: ignore[no-untyped-def]
+    def fake_time(cand, operands, reps, mode, tile=0):  # type: ignore[no-untyped-def]
         calls.append(cand.label)
         return 1.0 if cand.label == winner else 10.0
 

@@ -92,7 +92,7 @@ def test_compile_failure_names_the_fallback(monkeypatch: pytest.MonkeyPatch) -> 
 def test_inductor_mode_times_compiled_and_caches_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, str]] = []
 
-    def fake_time(cand, operands, reps, mode):  # type: ignore[no-untyped-def]
+    def fake_time(cand, operands, reps, mode, tile=0):  # type: ignore[no-untyped-def]
         calls.append((cand.label, mode))
         best = "reference layout" if mode == "inductor" else "order 0,1,2"
         return 1.0 if cand.label == best else 10.0
@@ -128,3 +128,41 @@ def test_cli_autotune_flag_reaches_convert() -> None:
     assert "autotune" not in conversion_kwargs(parser.parse_args(base))
     with pytest.raises(UsageError, match="--autotune: invalid choice: 'fast'"):
         parser.parse_args([*base, "--autotune", "fast"])
+
+
+@pytest.mark.parametrize("whole_wins", [True, False])
+def test_inductor_mode_weighs_the_tiled_op_against_the_whole_program(
+    monkeypatch: pytest.MonkeyPatch, whole_wins: bool
+) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def fake_time(cand, operands, reps, mode, tile=0):  # type: ignore[no-untyped-def]
+        calls.append((mode, tile))
+        return (1.0 if whole_wins else 3.0) if not tile else 2.0
+
+    monkeypatch.setattr(plan_mod, "_time_candidate", fake_time)
+    shapes, batch = ((8, 8, 4), (8, 8, 3)), 8192
+    layer = NdLinear(*shapes, autotune="inductor", plan_batch=batch)
+    choice = layer.plan_choice()
+    tile = plan_mod.candidate_tile(choice.chosen.plan.program, *shapes, 1, 4)
+    assert 0 < 2 * tile < batch, "the case must tile"
+    assert ("eager", tile) in calls and ("inductor", 0) in calls
+    assert choice.chosen.whole is whole_wins
+    assert choice.chosen.label.endswith(", untiled") is whole_wins
+    assert layer.tile == (0 if whole_wins else tile)
+    calls.clear()
+    again = NdLinear(*shapes, autotune="inductor", plan_batch=batch)
+    assert calls == [] and again.plan_choice().cache_hit
+    assert again.plan_choice().chosen.whole is whole_wins and again.tile == layer.tile
+
+
+def test_eager_mode_never_times_the_whole_program_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def fake_time(cand, operands, reps, mode, tile=0):  # type: ignore[no-untyped-def]
+        calls.append((mode, tile))
+        return 1.0
+
+    monkeypatch.setattr(plan_mod, "_time_candidate", fake_time)
+    choice = plan_ndlinear((8, 8, 4), (8, 8, 3), batch=4096, machine=MACHINE, autotune=True)
+    assert {c for c in calls} == {("eager", 0)} and not choice.chosen.whole

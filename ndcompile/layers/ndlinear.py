@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
-from ndcompile.ir.tiled import choose_tile, row_elements
 from ndcompile.layers.construction import (
     BiasKind,
     check_layer_arguments,
@@ -28,7 +27,7 @@ from ndcompile.layers.construction import (
 )
 from ndcompile.layers.execution import apply_ndlinear, mode_bias
 from ndcompile.planner.autotune import autotune_setting
-from ndcompile.planner.plan import PlanChoice, plan_ndlinear
+from ndcompile.planner.plan import PlanChoice, candidate_tile, plan_ndlinear
 
 __all__ = ["NdLinear"]
 
@@ -215,10 +214,13 @@ class NdLinear(nn.Module):
         if self.tile_setting != "auto":
             self.tile = int(self.tile_setting)
             return
-        modes = zip(self.in_shape, self.out_shape, strict=True)
-        shapes = [(self.rank, h, d) if self.rank > 1 else (h, d) for d, h in modes]
+        if self._choice is not None and self._choice.chosen.whole:
+            self.tile = 0  # autotuned under inductor: the compiled whole program won
+            return
         itemsize = (dtype or torch.get_default_dtype()).itemsize
-        self.tile = choose_tile(row_elements(self._plan.program, self.in_shape, shapes), itemsize)
+        self.tile = candidate_tile(
+            self._plan.program, self.in_shape, self.out_shape, self.rank, itemsize
+        )
 
     def _apply(self, fn: Any, recurse: bool = True) -> NdLinear:
         # .to(dtype) changes the bytes per element: size automatic tiles again.

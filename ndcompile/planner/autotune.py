@@ -128,7 +128,11 @@ def compile_program(
 
 
 def time_program(
-    program: ContractionProgram, operands: list[torch.Tensor], reps: int, mode: str = "eager"
+    program: ContractionProgram,
+    operands: list[torch.Tensor],
+    reps: int,
+    mode: str = "eager",
+    tile: int = 0,
 ) -> float:
     """Median time of one run of ``program`` on ``operands``, in microseconds.
 
@@ -137,11 +141,18 @@ def time_program(
         operands: Input and factors, as the program expects them.
         reps: Timed repetitions (after one warm-up run).
         mode: ``"eager"`` or ``"inductor"`` (compiled first; compile time not counted).
+        tile: Rows per tile: time the tiled CPU op instead (:mod:`ndcompile.ir.tiled`),
+            which runs its tiles eagerly in either mode (inductor cannot see inside).
 
     Returns:
         The median, in microseconds.
     """
     cuda = operands[0].is_cuda
+    if tile:
+        from ndcompile.ir.tiled import run_tiled
+
+        text = program.to_text()
+        return _median_us(lambda: run_tiled(text, tile, operands[0], operands[1:]), reps, cuda)
     if mode == "inductor":
         compiled = compile_program(program, operands)
         return _median_us(lambda: compiled(*operands), reps, cuda)

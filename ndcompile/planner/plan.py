@@ -16,8 +16,10 @@ where the bandwidth of an op depends on the size it writes (large fresh buffers 
 page faults; small ones mostly hit cache)
 
 using measured machine constants (:mod:`ndcompile.machine`). ``autotune=True`` times
-the best few candidates on the real shapes instead and caches the decision on disk
-keyed on (network, shapes, dtype, device, threads, torch version).
+the best few candidates on the real shapes instead (``autotune="inductor"``: compiled
+by inductor, :mod:`ndcompile.planner.autotune`), always with the reference layer's own
+schedule and op sequence among them (:mod:`ndcompile.planner.reference`), and caches
+the decision on disk keyed on (network, shapes, dtype, device, threads, torch version).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from itertools import combinations, pairwise, permutations
+from typing import Any
 
 import opt_einsum
 import torch
@@ -33,6 +36,7 @@ import torch
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.ir.program import ContractionProgram
 from ndcompile.ir.terms import sum_of_terms
+from ndcompile.ir.tiled import choose_tile, row_elements
 from ndcompile.planner import autotune as tuning
 from ndcompile.planner.cache import autotune_cache
 from ndcompile.planner.machine import MachineModel, machine_model
@@ -45,6 +49,7 @@ from ndcompile.planner.reference import (
 __all__ = [
     "Candidate",
     "PlanChoice",
+    "candidate_tile",
     "estimate_us",
     "groupings",
     "is_dense_block",
@@ -86,6 +91,9 @@ class Candidate:
         layout: ``"reference"`` for the reference layer's own op sequence
             (:func:`~ndcompile.planner.reference.reference_layout_plan`), else empty
             (ndcompile's lowering).
+        whole: Run untiled although the batch would be tiled: set when autotuning
+            under inductor found the compiled whole program faster than the tiled op
+            (whose tiles run eagerly, out of inductor's sight).
     """
 
     grouping: tuple[tuple[int, ...], ...]
@@ -95,22 +103,32 @@ class Candidate:
     order: tuple[int, ...] | None = None
     chains: int = 0
     layout: str = ""
+    whole: bool = False
 
     @property
     def label(self) -> str:
         """Short description: ``modes 0 | 1⊗2``, ``order 1,0``, ``4 chains: order 1,0``."""
         if self.layout:
-            return f"{self.layout} layout"
-        if self.order is not None:
+            label = f"{self.layout} layout"
+        elif self.order is not None:
             label = "order " + ",".join(map(str, self.order))
         else:
             label = "modes " + " | ".join("⊗".join(map(str, g)) for g in self.grouping)
-        return f"{self.chains} chains: {label}" if self.chains else label
+        label = f"{self.chains} chains: {label}" if self.chains else label
+        return f"{label}, untiled" if self.whole else label
 
 
 @dataclass
 class PlanChoice:
-    """The chosen candidate and the alternatives, printable like opt_einsum's PathInfo."""
+    """The chosen candidate and the alternatives, printable like opt_einsum's PathInfo.
+
+    Attributes:
+        chosen: The candidate the layer runs.
+        candidates: Every candidate (timed ones first when autotuned).
+        autotuned: Whether the choice was made by timing.
+        cache_hit: Whether the timed decision came from the on-disk cache.
+        mode: How candidates were timed: ``"eager"`` or ``"inductor"``.
+    """
 
     chosen: Candidate
     candidates: list[Candidate] = field(default_factory=list)
@@ -219,8 +237,46 @@ def _store_cache(key: str, label: str) -> None:
     autotune_cache().set(key, label)
 
 
-def _time_candidate(cand: Candidate, operands: list[torch.Tensor], reps: int, mode: str) -> float:
-    return tuning.time_program(cand.plan.program, operands, reps, mode)
+def _time_candidate(
+    cand: Candidate, operands: list[torch.Tensor], reps: int, mode: str, tile: int = 0
+) -> float:
+    return tuning.time_program(cand.plan.program, operands, reps, mode, tile)
+
+
+def candidate_tile(
+    program: ContractionProgram,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    rank: int,
+    itemsize: int,
+) -> int:
+    """Rows per tile a layer running ``program`` uses on the CPU (its automatic tile)."""
+    modes = zip(in_shape, out_shape, strict=True)
+    shapes = [(rank, h, d) if rank > 1 else (h, d) for d, h in modes]
+    return choose_tile(row_elements(program, in_shape, shapes), itemsize)
+
+
+def _timed(
+    cand: Candidate,
+    operands: list[torch.Tensor],
+    reps: int,
+    mode: str,
+    shapes: tuple[tuple[int, ...], tuple[int, ...], int, int],
+) -> Candidate:
+    """``cand`` with its measured time, as the layer runs it (eagerly or compiled).
+
+    Under inductor, a CPU batch of more than two tiles runs the tiled op, whose tiles
+    run eagerly; the compiled whole program is timed too, and kept when faster.
+    """
+    tiled = None
+    if mode == "inductor" and operands[0].device.type == "cpu":
+        tile = candidate_tile(cand.plan.program, *shapes)
+        if operands[0].shape[0] > 2 * tile > 0:
+            tiled = _time_candidate(cand, operands, reps, "eager", tile)
+    whole = _time_candidate(cand, operands, reps, mode)
+    if tiled is None or whole < tiled:
+        return dataclasses.replace(cand, measured_us=whole, whole=tiled is not None)
+    return dataclasses.replace(cand, measured_us=tiled)
 
 
 def is_dense_block(cand: Candidate, n_modes: int) -> bool:
@@ -228,17 +284,29 @@ def is_dense_block(cand: Candidate, n_modes: int) -> bool:
     return not cand.chains and cand.grouping == (tuple(range(n_modes)),)
 
 
+@dataclass(frozen=True)
+class _Problem:
+    """What the candidates are planned for: the network, its shapes and the machine."""
+
+    tn: TensorNetwork
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    rank: int
+    batch: int
+    optimizer: str
+    machine: MachineModel
+    itemsize: int
+
+    def fields(self) -> tuple[Any, ...]:
+        """The fields in order, shallow (``dataclasses.astuple`` would deep-copy them)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
 def _chain_candidates(
-    tn: TensorNetwork,
-    in_shape: tuple[int, ...],
-    out_shape: tuple[int, ...],
-    rank: int,
-    batch: int,
-    optimizer: str,
-    machine: MachineModel,
-    itemsize: int,
+    problem: _Problem,
 ) -> list[Candidate]:
     """The best rank-1 plans of the same shapes, each run as ``rank`` separate chains."""
+    tn, in_shape, out_shape, rank, batch, optimizer, machine, itemsize = problem.fields()
     single = plan_ndlinear(
         in_shape, out_shape, 1, batch=batch, optimizer=optimizer, machine=machine
     )
@@ -256,21 +324,15 @@ def _chain_candidates(
             program=program,
         )
         est = estimate_us(program, machine, itemsize)
-        out.append(Candidate(cand.grouping, plan, est, order=cand.order, chains=rank))
+        out.append(
+            Candidate(cand.grouping, plan, est, order=cand.order, chains=rank, layout=cand.layout)
+        )
     return out
 
 
-def _candidates(
-    tn: TensorNetwork,
-    in_shape: tuple[int, ...],
-    out_shape: tuple[int, ...],
-    rank: int,
-    batch: int,
-    optimizer: str,
-    model: MachineModel,
-    itemsize: int,
-) -> list[Candidate]:
+def _candidates(problem: _Problem) -> list[Candidate]:
     """Every distinct plan: groupings x orders, the reference layout, rank-R chains."""
+    tn, in_shape, out_shape, rank, batch, optimizer, model, itemsize = problem.fields()
     n = len(in_shape)
     seen: set[tuple] = set()
     cands: list[Candidate] = []
@@ -306,7 +368,7 @@ def _candidates(
             singles = tuple((k,) for k in range(n))
             cands.append(Candidate(singles, plan, est, order=tuple(range(n)), layout="reference"))
     if rank > 1:
-        cands += _chain_candidates(tn, in_shape, out_shape, rank, batch, optimizer, model, itemsize)
+        cands += _chain_candidates(problem)
     cands.sort(key=lambda c: c.est_us)
     return cands
 
@@ -356,7 +418,9 @@ def plan_ndlinear(
     tn = TensorNetwork.from_ndlinear(in_shape, out_shape, rank)
     itemsize = torch.empty((), dtype=dtype).element_size()
     model = machine or machine_model(device)
-    cands = _candidates(tn, in_shape, out_shape, rank, batch, optimizer, model, itemsize)
+    cands = _candidates(
+        _Problem(tn, tuple(in_shape), tuple(out_shape), rank, batch, optimizer, model, itemsize)
+    )
     if mode == "off":
         return PlanChoice(cands[0], cands)
     # Whatever their estimates, autotune also times the reference NdLinear's own
@@ -369,7 +433,7 @@ def plan_ndlinear(
         tuple(in_shape), tuple(out_shape), rank, batch, dtype, device, mode
     )
     label = _load_cache().get(cache_key)
-    for cand in cands:
+    for cand in (*cands, *(dataclasses.replace(c, whole=True) for c in cands)):
         if cand.label == label:
             return PlanChoice(cand, cands, autotuned=True, cache_hit=True, mode=mode)
     gen = torch.Generator().manual_seed(0)
@@ -386,9 +450,8 @@ def plan_ndlinear(
         or c.layout == "reference"
         or (not c.chains and c.plan.program.instructions == reference)
     ]
-    timed = [
-        dataclasses.replace(c, measured_us=_time_candidate(c, operands, reps, mode)) for c in chosen
-    ]
+    sizes = (tuple(in_shape), tuple(out_shape), rank, itemsize)
+    timed = [_timed(c, operands, reps, mode, sizes) for c in chosen]
     cands = timed + [c for c in cands if not any(c is t for t in chosen)]
     best = min(timed, key=lambda c: c.measured_us or math.inf)
     _store_cache(cache_key, best.label)
