@@ -36,7 +36,7 @@ import torch
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.ir.program import ContractionProgram
 from ndcompile.ir.terms import sum_of_terms
-from ndcompile.ir.tiled import choose_tile, row_elements
+from ndcompile.ir.tiled import choose_tile, row_elements, should_tile
 from ndcompile.planner import autotune as tuning
 from ndcompile.planner.cache import autotune_cache
 from ndcompile.planner.machine import MachineModel, machine_model
@@ -269,9 +269,9 @@ def _timed(
     run eagerly; the compiled whole program is timed too, and kept when faster.
     """
     tiled = None
-    if mode == "inductor" and operands[0].device.type == "cpu":
+    if mode == "inductor":
         tile = candidate_tile(cand.plan.program, *shapes)
-        if operands[0].shape[0] > 2 * tile > 0:
+        if should_tile(operands[0], tile):
             tiled = _time_candidate(cand, operands, reps, "eager", tile)
     whole = _time_candidate(cand, operands, reps, mode)
     if tiled is None or whole < tiled:
