@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NdCompileError", "UntraceableError"]
+__all__ = ["NdCompileError", "UntraceableError", "first_line"]
 
 
 class NdCompileError(ValueError):
@@ -28,3 +28,9 @@ class NdCompileError(ValueError):
 
 class UntraceableError(NdCompileError):
     """The model (or a submodule) cannot be traced by torch.fx."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, stripped ("" for an empty message)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_map
 
 from ndcompile.cli.examples import describe_example
 from ndcompile.cli.output import deferred_signals
-from ndcompile.errors import NdCompileError
+from ndcompile.errors import NdCompileError, first_line
 from ndcompile.frontend.inputs import ExampleInputs, example_inputs
 from ndcompile.pipeline.checks import relative_error
 
@@ -43,9 +43,7 @@ _HINT = "save the weights with --state-dict-out or --save FILE.safetensors inste
 
 def _first_line(exc: BaseException) -> str:
     """``Type: first sentence of the message``."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    first = first.split(". ", 1)[0].rstrip(".")
+    first = first_line(exc).split(". ", 1)[0].rstrip(".")
     return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 

@@ -28,6 +28,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from ndcompile.errors import first_line
 from ndcompile.frontend.inputs import ExampleInputs, tensor_leaves
 from ndcompile.frontend.sites import merged_modes
 
@@ -134,7 +135,7 @@ def capture_linear_calls(model: nn.Module, example: ExampleInputs) -> Capture:
     try:
         capture = _export_calls(model, example)
     except Exception as exc:  # any export failure falls back to hooks, with the reason
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
         capture = _hook_calls(model, example)
         capture.fallback_reason = reason[:300]
         return capture

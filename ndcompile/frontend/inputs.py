@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ndcompile.errors import NdCompileError
+from ndcompile.errors import NdCompileError, first_line
 
 __all__ = ["ExampleInputs", "describe_value", "example_inputs", "tensor_leaves"]
 
@@ -49,10 +49,9 @@ class ExampleInputs:
 
     def failure(self, model: nn.Module, exc: BaseException) -> NdCompileError:
         """The error for ``model`` failing on this example, naming the cause."""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return NdCompileError(
             f"running the model on the example input {self.describe()} failed: "
-            f"{type(exc).__name__}: {first}",
+            f"{type(exc).__name__}: {first_line(exc)}",
             layer=type(model).__name__,
             hint="give an example input the model accepts: a tensor, a tuple (positional), "
             "a dict (keyword arguments) or (args, kwargs)",

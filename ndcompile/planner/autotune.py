@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ndcompile.errors import NdCompileError
+from ndcompile.errors import NdCompileError, first_line
 from ndcompile.ir.program import ContractionProgram
 
 __all__ = [
@@ -122,7 +122,7 @@ def compile_program(
     except Exception as exc:  # inductor's own errors vary by platform
         raise NdCompileError(
             f"autotune='inductor' could not compile a candidate plan: {type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}",
+            f"{first_line(exc)[:200]}",
             hint="use autotune=True to time the plans eagerly instead",
         ) from exc
 
