@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -166,3 +168,13 @@ def test_eager_mode_never_times_the_whole_program_apart(monkeypatch: pytest.Monk
     monkeypatch.setattr(plan_mod, "_time_candidate", fake_time)
     choice = plan_ndlinear((8, 8, 4), (8, 8, 3), batch=4096, machine=MACHINE, autotune=True)
     assert {c for c in calls} == {("eager", 0)} and not choice.chosen.whole
+
+
+def test_printed_candidates_stay_aligned_with_long_labels() -> None:
+    choice = plan_ndlinear((8, 8, 4), (8, 8, 3), batch=16, machine=MACHINE)
+    long = dataclasses.replace(choice.candidates[0], layout="reference", whole=True)
+    text = str(dataclasses.replace(choice, candidates=[long, *choice.candidates[1:]]))
+    lines = text.splitlines()
+    rows = lines[lines.index("  candidates (estimated µs | measured µs | FLOPs):") + 1 :]
+    assert len(rows) == len(choice.candidates)
+    assert len({line.rindex("|") for line in rows}) == 1

@@ -143,12 +143,12 @@ class PlanChoice:
             how += " (cached)" if self.cache_hit else ""
         lines = [f"  plan ({how}): {self.chosen.label}", str(self.chosen.plan)]
         lines.append("  candidates (estimated µs | measured µs | FLOPs):")
+        width = max([24, *(len(c.label) for c in self.candidates)])
         for cand in self.candidates:
             mark = "*" if cand is self.chosen else " "
             measured = f"{cand.measured_us:9.1f}" if cand.measured_us is not None else "        -"
-            lines.append(
-                f"   {mark} {cand.label:<24} {cand.est_us:9.1f} | {measured} | {cand.plan.flops:,}"
-            )
+            label = cand.label.ljust(width)
+            lines.append(f"   {mark} {label} {cand.est_us:9.1f} | {measured} | {cand.plan.flops:,}")
         return "\n".join(lines)
 
 
