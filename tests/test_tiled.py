@@ -53,7 +53,9 @@ def test_tiled_matches_whole_batch_forward_and_backward(in_shape, out_shape, ran
     x = torch.randn(83, *in_shape, dtype=dtype)  # not a multiple of the tile
     xt, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
     yt, yw = tiled(xt), whole(xw)
-    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    # float32: tiles sum the factor gradients in another order than the whole batch
+    # (a relative 3e-5 seen on an Intel Xeon); float64 holds the check to 1e-10.
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     torch.testing.assert_close(yt, yw, **tol)
     g = torch.randn_like(yt)
     yt.backward(g)
