@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +115,29 @@ def _matmul(
     return (torch.matmul(a, b) if dest is None else torch.matmul(a, b, out=dest)), False
 
 
+def _matmul_plus(
+    a: Any, b: Any, ranks: tuple[int, ...], out: torch.Tensor | None, bias: Any
+) -> Any:
+    """``a @ b + bias`` (``bias`` broadcast against the product), into ``out`` when it fits.
+
+    A 2-D or batched 3-D product of tensors takes the bias in its GEMM (``addmm``,
+    ``baddbmm``); FX proxies and other products add it after the matmul (inductor
+    folds that add into the GEMM or into the next copy of the product).
+    """
+    if ranks == (2, 3):
+        a = a.expand(b.shape[0], -1, -1)
+    tensors = isinstance(a, torch.Tensor) and isinstance(bias, torch.Tensor)
+    gemm_ok = tensors and a.dim() in (2, 3) and a.shape[:-2] == b.shape[:-2]
+    if not gemm_ok or bias.dtype != a.dtype:
+        product, _ = _matmul(a, b, (), None, None)
+        return _add(product, bias, out) if tensors else product + bias
+    shape = (*a.shape[:-1], b.shape[-1])
+    gemm = torch.addmm if a.dim() == 2 else torch.baddbmm
+    if out is not None and out.numel() == math.prod(shape):
+        return gemm(bias, a, b, out=out.view(shape))
+    return gemm(bias, a, b)
+
+
 def _bias_view(
     bias: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> torch.Tensor | None:
@@ -169,7 +192,11 @@ class ContractionProgram:
     )
 
     def run(
-        self, *operands: Any, out: torch.Tensor | None = None, bias: torch.Tensor | None = None
+        self,
+        *operands: Any,
+        out: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        step_biases: Mapping[int, Any] | None = None,
     ) -> Any:
         """Execute on tensors or FX proxies.
 
@@ -183,6 +210,10 @@ class ContractionProgram:
                 of a whole result row and the result's matmul can take it (tensors
                 only), it is folded into that GEMM (``addmm``/``baddbmm``), saving a
                 pass over the result.
+            step_biases: Biases added to the products of matmuls, by instruction
+                index, each broadcast against its product (the per-mode biases of
+                :mod:`ndcompile.ir.bias_steps`); folded into the GEMM
+                (``addmm``/``baddbmm``) where it is one.
 
         Returns:
             The contracted tensor (or proxy) in ``self.output`` index order; ``out``
@@ -200,9 +231,11 @@ class ContractionProgram:
                 regs[ins.out] = regs[ins.srcs[0]].permute(ins.arg)
             elif ins.op == "matmul":
                 fold = bias if k == sink else None
-                regs[ins.out], added = _matmul(
-                    regs[ins.srcs[0]], regs[ins.srcs[1]], ins.arg, dest, fold, row
-                )
+                a, b = regs[ins.srcs[0]], regs[ins.srcs[1]]
+                if step_biases is not None and k in step_biases:
+                    regs[ins.out] = _matmul_plus(a, b, ins.arg, dest, step_biases[k])
+                    continue
+                regs[ins.out], added = _matmul(a, b, ins.arg, dest, fold, row)
                 folded = folded or added
             elif ins.op == "sum":
                 regs[ins.out] = regs[ins.srcs[0]].sum(ins.arg)

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ndcompile.ir.autodiff import run_recomputed
+from ndcompile.ir.bias_steps import BiasStep
 from ndcompile.ir.network import NetworkPlan
 from ndcompile.ir.tiled import run_tiled, should_tile
 
-__all__ = ["apply_ndlinear", "mode_bias"]
+__all__ = ["ModeBiases", "apply_ndlinear", "mode_bias"]
 
 
 def mode_bias(
@@ -67,6 +69,42 @@ def mode_bias(
     return torch.stack(terms).sum(0).reshape(-1)
 
 
+@dataclass(frozen=True)
+class ModeBiases:
+    """A layer's per-mode biases, added in the GEMMs of their modes or as one full bias.
+
+    Attributes:
+        biases: ``b_k`` of shape ``(h_k,)`` per mode (tensors or FX proxies).
+        factors: Rank-1 factors ``(1, h_k, d_k)`` per mode.
+        order: The order in which the modes are applied.
+        out_shape: ``(h1..hN)``.
+        steps: Each mode's GEMM in the planned program
+            (:func:`~ndcompile.ir.bias_steps.bias_steps`), or None when the program
+            does not apply the modes one at a time in ``order``.
+    """
+
+    biases: Sequence[Any]
+    factors: Sequence[Any]
+    order: Sequence[int]
+    out_shape: Sequence[int]
+    steps: tuple[BiasStep, ...] | None = None
+
+    def full(self) -> Any:
+        """The full bias of shape ``(prod h,)`` (:func:`mode_bias`)."""
+        return mode_bias(self.biases, self.factors, self.order, self.out_shape)
+
+    def at_steps(self) -> dict[int, Any] | None:
+        """``b_k`` by the index of mode ``k``'s matmul, viewed to broadcast against it."""
+        if self.steps is None:
+            return None
+        return {
+            s.instruction: self.biases[s.mode].reshape(
+                (self.out_shape[s.mode], 1) if s.left else (self.out_shape[s.mode],)
+            )
+            for s in self.steps
+        }
+
+
 def apply_ndlinear(
     x: Any,
     factors: Sequence[Any],
@@ -87,7 +125,9 @@ def apply_ndlinear(
     Args:
         x: Input ``(*, prod d)`` if ``flat_input`` else ``(*, d1..dN)``.
         factors: Factor operands as the plan expects them.
-        bias: Full bias ``(prod h,)`` or None.
+        bias: Full bias ``(prod h,)``, per-mode biases (added in their modes' GEMMs
+            when the program runs whole and their steps are known, else folded
+            into the full bias), or None.
         plan: The planned contraction.
         in_shape: ``(d1..dN)``.
         out_shape: ``(h1..hN)``.
@@ -116,6 +156,10 @@ def apply_ndlinear(
     if tiled and not recompute:
         tiled = not _needs_grad(rows, factors)
     saved = not tiled and recompute and isinstance(rows, Tensor) and _needs_grad(rows, factors)
+    steps = None
+    if isinstance(bias, ModeBiases):
+        steps = None if tiled or saved else bias.at_steps()
+        bias = None if steps is not None else bias.full()
     # The tiled op and a plain run add the bias (in the last GEMM where it fits, else
     # in place outside autograd); the recomputing autograd function and FX proxies
     # leave it to the end.
@@ -126,7 +170,7 @@ def apply_ndlinear(
     elif saved:
         y = run_recomputed(plan.program, rows, *factors)
     else:
-        y = plan.program.run(rows, *factors, bias=b)
+        y = plan.program.run(rows, *factors, bias=b, step_biases=steps)
     if lowrank is not None:
         u, v = lowrank
         flat = x.reshape((-1, math.prod(in_shape)))

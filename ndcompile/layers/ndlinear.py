@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ndcompile.errors import NdCompileError
+from ndcompile.ir.bias_steps import bias_steps
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.layers.construction import (
     BiasKind,
@@ -25,7 +26,7 @@ from ndcompile.layers.construction import (
     from_reference_layer,
     init_like_linear,
 )
-from ndcompile.layers.execution import apply_ndlinear, mode_bias
+from ndcompile.layers.execution import ModeBiases, apply_ndlinear, mode_bias
 from ndcompile.planner.autotune import autotune_setting
 from ndcompile.planner.plan import PlanChoice, candidate_tile, plan_ndlinear
 
@@ -103,7 +104,7 @@ class NdLinear(nn.Module):
         self.tile_setting: int | str = tile
         self.in_shape, self.out_shape, self.rank = in_shape, out_shape, int(rank)
         self.bias_kind: BiasKind = bias
-        self.mode_order: tuple[int, ...] = tuple(range(len(in_shape)))
+        self._mode_order: tuple[int, ...] = tuple(range(len(in_shape)))
         self.optimizer = check_optimizer(optimizer)
         self.plan_batch = int(plan_batch)
         if planner not in PLANNERS:
@@ -205,10 +206,25 @@ class NdLinear(nn.Module):
         dtype = self.factors[0].dtype
         self._set_plan(self._make_plan(dtype), dtype)
 
+    @property
+    def mode_order(self) -> tuple[int, ...]:
+        """The order in which the per-mode biases are applied (the reference's order)."""
+        return self._mode_order
+
+    @mode_order.setter
+    def mode_order(self, order: Sequence[int]) -> None:
+        self._mode_order = tuple(int(k) for k in order)
+        self._find_bias_steps()
+
     def _set_plan(self, plan: NetworkPlan, dtype: torch.dtype | None) -> None:
         self._plan = plan
         self._text = plan.program.to_text()
+        self._find_bias_steps()
         self._size_tile(dtype)
+
+    def _find_bias_steps(self) -> None:
+        # Found here, not in forward: dynamo would trace the program's JSON parsing.
+        self._bias_steps = bias_steps(self._text, self._mode_order)
 
     def _size_tile(self, dtype: torch.dtype | None) -> None:
         if self.tile_setting != "auto":
@@ -231,9 +247,13 @@ class NdLinear(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "mode_order" in self.__dict__:  # pickled when the order was a plain attribute
+            self._mode_order = tuple(self.__dict__.pop("mode_order"))
         if "_text" not in self.__dict__:  # pickled before tiled execution existed
             self.tile_setting = "auto"
             self._set_plan(self._plan, self.factors[0].dtype)
+        elif "_bias_steps" not in self.__dict__:
+            self._find_bias_steps()
 
     # ---------------------------------------------------------------- compute
     def factor_operands(self) -> list[Tensor]:
@@ -256,6 +276,18 @@ class NdLinear(nn.Module):
             )
         return self.bias
 
+    def forward_bias(self) -> Tensor | ModeBiases | None:
+        """The bias as the forward pass adds it: full, or per mode in the modes' GEMMs."""
+        if self.mode_biases is None:
+            return self.bias
+        return ModeBiases(
+            list(self.mode_biases),
+            list(self.factors),
+            self.mode_order,
+            self.out_shape,
+            self._bias_steps,
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the layer to ``x`` of shape ``(*, d1, ..., dN)`` (``(*, prod d)`` if flat)."""
         expected = (self.in_features,) if self.flat else self.in_shape
@@ -271,7 +303,7 @@ class NdLinear(nn.Module):
         return apply_ndlinear(
             x,
             self.factor_operands(),
-            self.full_bias(),
+            self.forward_bias(),
             self._plan,
             self.in_shape,
             self.out_shape,
