@@ -141,6 +141,23 @@ def test_old_pickles_with_a_plain_mode_order_attribute_load() -> None:
     torch.testing.assert_close(old(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
+def test_compiled_layer_adds_one_full_bias() -> None:
+    layer, ref = _layer(_plans()["reference layout"], torch.float32)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, inputs: list) -> object:  # type: ignore[type-arg]
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(16, *IN)
+    with torch.no_grad():
+        y = torch.compile(layer, backend=record, fullgraph=True)(x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert not any("addmm" in t for t in targets)
+    assert sum("matmul" in t or t.endswith("mm") for t in targets) == 3
+
+
 def test_compiled_fullgraph_matches_eager() -> None:
     layer, ref = _layer(_plans()["reference layout"], torch.float32)
     x = torch.randn(16, *IN, requires_grad=True)

@@ -10,7 +10,9 @@ applies single modes in the reference's own order, :func:`bias_steps` finds each
 mode's GEMM, so the program can add ``b_k`` there instead
 (:meth:`ContractionProgram.run`'s ``step_biases``), exactly as the reference does:
 ``b_k`` broadcast along the rows of the product of mode ``k``, then transformed by
-the later modes like the rest of the intermediate.
+the later modes like the rest of the intermediate. Layers do so in eager runs,
+where it saves the full bias's small ops; under ``torch.compile`` they add the
+full bias (:func:`~ndcompile.layers.execution.apply_ndlinear`).
 """
 
 from __future__ import annotations
