@@ -335,3 +335,35 @@ def test_bias_folded_into_the_last_gemm_matches_dense(dtype, recompute: bool) ->
         **TOL[dtype],
     )
     assert len(compared) == len(list(layer.parameters()))
+
+
+def test_training_output_is_row_major_whatever_the_program_layout() -> None:
+    from ndcompile.planner.machine import MachineModel
+    from ndcompile.planner.plan import plan_ndlinear
+
+    torch.manual_seed(0)
+    shapes = ((4, 6, 3), (5, 3, 2))
+    machine = MachineModel(matmul_gflops=100.0, bandwidth_gbs=10.0, op_overhead_us=5.0)
+    choice = plan_ndlinear(*shapes, batch=8, machine=machine, dtype=torch.float64)
+    x = torch.randn(8, *shapes[0], dtype=torch.float64)
+    layer = NdLinear(*shapes, bias=True, tile=0, dtype=torch.float64)
+    permuted = [
+        c.plan
+        for c in choice.candidates
+        if not c.plan.program.run(x, *layer.factor_operands()).is_contiguous()
+    ]
+    assert permuted, "no candidate leaves its result permuted: pick other shapes"
+    layer._set_plan(permuted[0], torch.float64)
+    dense = nn.Linear(24 * 3, 30, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight())
+        dense.bias.copy_(layer.bias)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    assert y.is_contiguous()
+    want = dense(x.reshape(8, -1)).reshape(y.shape)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()
+    dense(x.reshape(8, -1)).square().sum().backward()
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad, rtol=1e-10, atol=1e-12)
+    assert xg.grad is not None
