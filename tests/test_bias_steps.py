@@ -166,3 +166,16 @@ def test_compiled_fullgraph_matches_eager() -> None:
     torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
     y.sum().backward()
     assert all(b.grad is not None for b in layer.mode_biases)
+
+
+def test_program_writes_step_biased_results_into_out() -> None:
+    layer, ref = _layer(_plans()["reference layout"], torch.float64)
+    x = torch.randn(16, *IN, dtype=torch.float64)
+    out = torch.full((16, *OUT), float("nan"), dtype=torch.float64)
+    biases = layer.forward_bias()
+    steps = biases.at_steps()  # type: ignore[union-attr]
+    with torch.no_grad():  # out= is for runs outside autograd (the tiled op's)
+        operands = layer.factor_operands()
+        got = layer.plan().program.run(x, *operands, out=out, step_biases=steps)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, ref(x), rtol=1e-12, atol=1e-12)
