@@ -26,7 +26,7 @@ from ndcompile.layers.construction import (
     from_reference_layer,
     init_like_linear,
 )
-from ndcompile.layers.execution import ModeBiases, apply_ndlinear, mode_bias
+from ndcompile.layers.execution import ModeBiases, apply_ndlinear
 from ndcompile.planner.autotune import autotune_setting
 from ndcompile.planner.plan import PlanChoice, candidate_tile, plan_ndlinear
 
@@ -270,11 +270,8 @@ class NdLinear(nn.Module):
 
     def full_bias(self) -> Tensor | None:
         """The bias over ``prod(out_shape)`` (computed from mode biases if needed)."""
-        if self.mode_biases is not None:
-            return mode_bias(
-                list(self.mode_biases), list(self.factors), self.mode_order, self.out_shape
-            )
-        return self.bias
+        bias = self.forward_bias()
+        return bias.full() if isinstance(bias, ModeBiases) else bias
 
     def forward_bias(self) -> Tensor | ModeBiases | None:
         """The bias as the forward pass adds it: full, or per mode in the modes' GEMMs."""
