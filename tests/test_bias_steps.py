@@ -53,8 +53,8 @@ def test_steps_of_sequential_programs_follow_their_order() -> None:
         assert steps is not None and tuple(s.mode for s in steps) == order
         matmuls = [k for k, ins in enumerate(program.instructions) if ins.op == "matmul"]
         assert [s.instruction for s in steps] == matmuls
-        assert bias_steps(program.to_text(), order) == steps
-        assert bias_steps(program.to_text(), tuple(reversed(order))) is None
+        assert bias_steps(program, order) == steps
+        assert bias_steps(program, tuple(reversed(order))) is None
     layout = reference_layout_plan(tn, IN, OUT, 8).program
     assert [s.mode for s in mode_steps(layout, 3) or ()] == [0, 1, 2]
 

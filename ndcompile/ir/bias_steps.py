@@ -17,7 +17,6 @@ full bias (:func:`~ndcompile.layers.execution.apply_ndlinear`).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,12 +85,7 @@ def mode_steps(program: ContractionProgram, n_modes: int) -> tuple[BiasStep, ...
     return tuple(steps)
 
 
-@functools.lru_cache(maxsize=256)
-def _steps_of_text(text: str, n_modes: int) -> tuple[BiasStep, ...] | None:
-    return mode_steps(ContractionProgram.from_text(text), n_modes)
-
-
-def bias_steps(text: str, order: Sequence[int]) -> tuple[BiasStep, ...] | None:
+def bias_steps(program: ContractionProgram, order: Sequence[int]) -> tuple[BiasStep, ...] | None:
     """The GEMMs that can add per-mode biases applied in ``order``, or None.
 
     Adding ``b_k`` after mode ``k``'s GEMM gives the reference's bias exactly when
@@ -99,14 +93,13 @@ def bias_steps(text: str, order: Sequence[int]) -> tuple[BiasStep, ...] | None:
     after each one, to carry its bias along).
 
     Args:
-        text: The program as :meth:`ContractionProgram.to_text` writes it (the
-            analysis is cached on it).
+        program: The planned program.
         order: The order in which the reference applies the modes.
 
     Returns:
         The steps in ``order``; None when the program applies the modes otherwise.
     """
-    steps = _steps_of_text(text, len(order))
+    steps = mode_steps(program, len(order))
     if steps is None or tuple(s.mode for s in steps) != tuple(order):
         return None
     return steps

@@ -223,8 +223,11 @@ class NdLinear(nn.Module):
         self._size_tile(dtype)
 
     def _find_bias_steps(self) -> None:
-        # Found here, not in forward: dynamo would trace the program's JSON parsing.
-        self._bias_steps = bias_steps(self._text, self._mode_order)
+        # Found when the plan or order is set, not in forward (a walk over the
+        # program that dynamo would otherwise trace on every compile).
+        self._bias_steps = (
+            bias_steps(self._plan.program, self._mode_order) if self.bias_kind == "modes" else None
+        )
 
     def _size_tile(self, dtype: torch.dtype | None) -> None:
         if self.tile_setting != "auto":
