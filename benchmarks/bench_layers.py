@@ -29,6 +29,7 @@ Usage::
     python benchmarks/bench_layers.py --cases cube16_b256 --profile
     python benchmarks/bench_layers.py --autotune --threads 2   # plans chosen by timing
     python benchmarks/bench_layers.py --autotune inductor      # ... timed compiled
+    python benchmarks/bench_layers.py --autotune inductor-train  # ... timing fwd+bwd
 """
 
 from __future__ import annotations
@@ -100,9 +101,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="?",
         const="eager",
         default=False,
-        choices=("eager", "inductor"),
+        choices=("eager", "inductor", "eager-train", "inductor-train"),
         help="plan ndcompile layers by timing candidates: eagerly (the default with no "
-        "value) or compiled by inductor (the plan the nd_inductor column runs)",
+        "value) or compiled by inductor (the plan the nd_inductor column runs); the "
+        "-train settings time forward+backward (the plan the fwd+bwd columns favour)",
     )
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     return p.parse_args(argv)

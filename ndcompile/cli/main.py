@@ -144,9 +144,10 @@ def _add_conversion_options(p: argparse.ArgumentParser, *, mode_required: bool) 
 def _add_autotune_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--autotune",
-        choices=("eager", "inductor"),
+        choices=("eager", "inductor", "eager-train", "inductor-train"),
         help="plan each layer by timing candidate plans on the example's shapes: eagerly, "
-        "or compiled by inductor for a model that will run under torch.compile "
+        "or compiled by inductor for a model that will run under torch.compile; the "
+        "-train settings time forward and backward, for a model that will be trained "
         "(default: the cost model)",
     )
 

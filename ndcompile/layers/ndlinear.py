@@ -55,7 +55,9 @@ class NdLinear(nn.Module):
         autotune: Time the best candidate plans on the real shapes and keep the
             fastest (cached on disk per shape/dtype/device): ``True`` times them
             eagerly, ``"inductor"`` compiled by inductor (for a layer that will run
-            under ``torch.compile``), ``False`` plans by the cost model.
+            under ``torch.compile``), ``"eager-train"``/``"inductor-train"`` time
+            forward and backward (for a layer that will be trained), ``False`` plans
+            by the cost model.
         flat: Take and return flattened modes, ``(*, prod d) -> (*, prod h)``, the
             ``nn.Linear`` convention (a drop-in replacement for a Linear).
         recompute: In training, save only the input and the factors for backward and
@@ -234,7 +236,7 @@ class NdLinear(nn.Module):
             self.tile = int(self.tile_setting)
             return
         if self._choice is not None and self._choice.chosen.whole:
-            self.tile = 0  # autotuned under inductor: the compiled whole program won
+            self.tile = 0  # autotuned: the whole program beat the tiled op
             return
         itemsize = (dtype or torch.get_default_dtype()).itemsize
         self.tile = candidate_tile(

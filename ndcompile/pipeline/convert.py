@@ -99,7 +99,9 @@ def convert(
         optimizer: Contraction-order optimizer (see ``ndcompile.ir.network.OPTIMIZERS``).
         autotune: Time the best candidate plans of each layer on the example's shapes
             (``True``: eagerly; ``"inductor"``: compiled by inductor, for a model that
-            will run under ``torch.compile``) instead of trusting the cost model.
+            will run under ``torch.compile``; ``"eager-train"``/``"inductor-train"``:
+            forward and backward, for a model that will be trained) instead of
+            trusting the cost model.
         skip_larger: Keep a layer dense when its factorization would have more
             parameters than the dense layer (otherwise convert it anyway).
         alpha: ``adapter``: scale of the adapter update ``ΔW = alpha * (A1 ⊗ ... ⊗ AN)``.

@@ -6,6 +6,12 @@ times the compiled code, for layers that will run under ``torch.compile``: induc
 fuses copies into kernels and folds permutes into GEMM strides, so the fastest eager
 plan is not always the fastest compiled one. Compiling costs seconds per candidate,
 once per distinct layer shape: decisions are cached on disk, keyed on the mode too.
+
+``"eager-train"`` and ``"inductor-train"`` time a training step instead: the
+forward as a training layer runs it (saving only its inputs, or the tiled op) and
+the backward to the input and every factor. The plan that runs forward fastest can
+train slower: its backward contracts in the reverse order over differently laid out
+gradients.
 """
 
 from __future__ import annotations
@@ -27,11 +33,29 @@ __all__ = [
     "autotune_setting",
     "check_autotune",
     "compile_program",
+    "eager_mode",
+    "is_compiled",
+    "is_training",
     "time_program",
 ]
 
 #: Accepted ``autotune`` settings (``False`` is ``"off"``, ``True`` is ``"eager"``).
-AUTOTUNE_MODES: tuple[str, ...] = ("off", "eager", "inductor")
+AUTOTUNE_MODES: tuple[str, ...] = ("off", "eager", "inductor", "eager-train", "inductor-train")
+
+
+def is_compiled(mode: str) -> bool:
+    """Whether ``mode`` times candidates compiled by inductor."""
+    return mode.startswith("inductor")
+
+
+def is_training(mode: str) -> bool:
+    """Whether ``mode`` times a training step (forward and backward)."""
+    return mode.endswith("-train")
+
+
+def eager_mode(mode: str) -> str:
+    """The eager mode timing the same step as ``mode`` (forward, or forward+backward)."""
+    return "eager-train" if is_training(mode) else "eager"
 
 
 def check_autotune(value: bool | str | None) -> str:
@@ -56,7 +80,8 @@ def check_autotune(value: bool | str | None) -> str:
         f"unknown autotune setting {value!r}; valid settings are: False, True, "
         + ", ".join(repr(m) for m in AUTOTUNE_MODES),
         hint="'inductor' times candidates compiled by torch.compile's inductor; "
-        "use it for layers that will run compiled",
+        "use it for layers that will run compiled; the '-train' modes time forward and "
+        "backward, for layers that will be trained",
     )
 
 
@@ -83,8 +108,8 @@ def autotune_key(
     return key if mode == "eager" else f"{key} {mode}"
 
 
-def _median_us(run: Callable[[], Any], reps: int, cuda: bool) -> float:
-    with torch.no_grad():
+def _median_us(run: Callable[[], Any], reps: int, cuda: bool, grad: bool = False) -> float:
+    with torch.set_grad_enabled(grad):
         run()
         times = []
         for _ in range(reps):
@@ -105,19 +130,44 @@ def _traced(program: ContractionProgram, n_operands: int) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
+def _training_forward(program: ContractionProgram) -> Callable[..., torch.Tensor]:
+    """The untiled forward a training layer runs (:func:`run_recomputed`, row-major)."""
+    from ndcompile.ir.autodiff import run_recomputed
+
+    def forward(*operands: torch.Tensor) -> torch.Tensor:
+        return run_recomputed(program, *operands).contiguous()
+
+    return forward
+
+
+def _traced_training(program: ContractionProgram, n_operands: int) -> fx.GraphModule:
+    """One FX node calling the training forward (AOT autograd traces its backward)."""
+    graph = fx.Graph()
+    args = tuple(graph.placeholder(f"operand{k}") for k in range(n_operands))
+    graph.output(graph.call_function(_training_forward(program), args))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
 def compile_program(
-    program: ContractionProgram, operands: Sequence[torch.Tensor]
+    program: ContractionProgram, operands: Sequence[torch.Tensor], *, train: bool = False
 ) -> Callable[..., Any]:
     """``program`` compiled by inductor for ``operands``' shapes (no dynamo, no guards).
+
+    Args:
+        program: The candidate's program.
+        operands: Example input and factors.
+        train: Compile the training forward and its backward (``operands`` should
+            require grad); else the inference forward.
 
     Raises:
         NdCompileError: When inductor cannot compile here (e.g. no C++ compiler).
     """
     from torch._inductor.compile_fx import compile_fx
 
-    gm = _traced(program, len(operands))
+    n = len(operands)
+    gm = _traced_training(program, n) if train else _traced(program, n)
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(train):
             return compile_fx(gm, list(operands))  # type: ignore[return-value]
     except Exception as exc:  # inductor's own errors vary by platform
         raise NdCompileError(
@@ -140,7 +190,9 @@ def time_program(
         program: The candidate's program.
         operands: Input and factors, as the program expects them.
         reps: Timed repetitions (after one warm-up run).
-        mode: ``"eager"`` or ``"inductor"`` (compiled first; compile time not counted).
+        mode: One of :data:`AUTOTUNE_MODES` but ``"off"``: ``"inductor"`` modes
+            compile first (compile time not counted); ``"-train"`` modes time the
+            forward and the backward to every operand.
         tile: Rows per tile: time the tiled CPU op instead (:mod:`ndcompile.ir.tiled`),
             which runs its tiles eagerly in either mode (inductor cannot see inside).
 
@@ -148,12 +200,28 @@ def time_program(
         The median, in microseconds.
     """
     cuda = operands[0].is_cuda
+    train = is_training(mode)
+    if train:
+        operands = [t.detach().requires_grad_() for t in operands]
+    forward: Callable[..., Any]
     if tile:
         from ndcompile.ir.tiled import run_tiled
 
         text = program.to_text()
-        return _median_us(lambda: run_tiled(text, tile, operands[0], operands[1:]), reps, cuda)
-    if mode == "inductor":
-        compiled = compile_program(program, operands)
-        return _median_us(lambda: compiled(*operands), reps, cuda)
-    return _median_us(lambda: program.run(*operands), reps, cuda)
+
+        def forward(x: torch.Tensor, *factors: torch.Tensor) -> Any:
+            return run_tiled(text, tile, x, factors)
+
+    elif is_compiled(mode):
+        forward = compile_program(program, operands, train=train)
+    else:
+        forward = _training_forward(program) if train else program.run
+    if not train:
+        return _median_us(lambda: forward(*operands), reps, cuda)
+    # Ones, not random numbers: timing must leave the caller's random stream alone.
+    grad_out = torch.ones_like(forward(*operands))
+
+    def step() -> None:
+        torch.autograd.grad(forward(*operands), operands, grad_out)
+
+    return _median_us(step, reps, cuda, grad=True)

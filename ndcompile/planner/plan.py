@@ -93,7 +93,8 @@ class Candidate:
             (ndcompile's lowering).
         whole: Run untiled although the batch would be tiled: set when autotuning
             under inductor found the compiled whole program faster than the tiled op
-            (whose tiles run eagerly, out of inductor's sight).
+            (whose tiles run eagerly, out of inductor's sight), or when autotuning a
+            training step found the whole program's step faster.
     """
 
     grouping: tuple[tuple[int, ...], ...]
@@ -127,7 +128,8 @@ class PlanChoice:
         candidates: Every candidate (timed ones first when autotuned).
         autotuned: Whether the choice was made by timing.
         cache_hit: Whether the timed decision came from the on-disk cache.
-        mode: How candidates were timed: ``"eager"`` or ``"inductor"``.
+        mode: How candidates were timed: ``"eager"`` or ``"inductor"``, the forward
+            alone, or ``"eager-train"`` or ``"inductor-train"``, forward and backward.
     """
 
     chosen: Candidate
@@ -139,7 +141,8 @@ class PlanChoice:
     def __str__(self) -> str:
         how = "cost model"
         if self.autotuned:
-            how = "autotuned" + (" under inductor" if self.mode == "inductor" else "")
+            how = "autotuned" + (" under inductor" if tuning.is_compiled(self.mode) else "")
+            how += ", forward+backward" if tuning.is_training(self.mode) else ""
             how += " (cached)" if self.cache_hit else ""
         lines = [f"  plan ({how}): {self.chosen.label}", str(self.chosen.plan)]
         lines.append("  candidates (estimated µs | measured µs | FLOPs):")
@@ -266,13 +269,15 @@ def _timed(
     """``cand`` with its measured time, as the layer runs it (eagerly or compiled).
 
     Under inductor, a CPU batch of more than two tiles runs the tiled op, whose tiles
-    run eagerly; the compiled whole program is timed too, and kept when faster.
+    run eagerly; the compiled whole program is timed too, and kept when faster. So
+    does a training step: the tiled op recomputes each tile in backward, the whole
+    program recomputes the whole batch at once.
     """
     tiled = None
-    if mode == "inductor":
+    if tuning.is_compiled(mode) or tuning.is_training(mode):
         tile = candidate_tile(cand.plan.program, *shapes)
         if should_tile(operands[0], tile):
-            tiled = _time_candidate(cand, operands, reps, "eager", tile)
+            tiled = _time_candidate(cand, operands, reps, tuning.eager_mode(mode), tile)
     whole = _time_candidate(cand, operands, reps, mode)
     if tiled is None or whole < tiled:
         return dataclasses.replace(cand, measured_us=whole, whole=tiled is not None)
@@ -399,8 +404,10 @@ def plan_ndlinear(
         autotune: ``True``/``"eager"`` times the ``top_k`` best-estimated
             candidates, the reference schedule and layout and the dense block (when
             planned) and keeps the fastest; ``"inductor"`` times them compiled by
-            inductor (for layers that run under ``torch.compile``). Decisions are
-            cached on disk. ``False`` (``"off"``) uses the cost model.
+            inductor (for layers that run under ``torch.compile``);
+            ``"eager-train"`` and ``"inductor-train"`` time forward and backward
+            (for layers that will be trained). Decisions are cached on disk.
+            ``False`` (``"off"``) uses the cost model.
         top_k: Candidates timed when autotuning.
         reps: Timed repetitions per candidate.
         dtype: Dtype used for timing and element sizes.
