@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from autotune_helpers import jobs_timed_by
 
 import ndcompile.planner.plan as plan_mod
 from ndcompile.cli.convert import conversion_kwargs
@@ -21,6 +22,7 @@ from ndcompile.planner.autotune import (
     check_autotune,
     compile_program,
     time_program,
+    time_runs,
 )
 from ndcompile.planner.machine import MachineModel
 from ndcompile.planner.plan import plan_ndlinear
@@ -99,7 +101,7 @@ def test_inductor_mode_times_compiled_and_caches_apart(monkeypatch: pytest.Monke
         best = "reference layout" if mode == "inductor" else "order 0,1,2"
         return 1.0 if cand.label == best else 10.0
 
-    monkeypatch.setattr(plan_mod, "_time_candidate", fake_time)
+    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
     shapes = ((8, 8, 4), (8, 8, 3))
     compiled = plan_ndlinear(*shapes, batch=16, machine=MACHINE, autotune="inductor")
     assert compiled.chosen.label == "reference layout" and compiled.mode == "inductor"
@@ -142,7 +144,7 @@ def test_inductor_mode_weighs_the_tiled_op_against_the_whole_program(
         calls.append((mode, tile))
         return (1.0 if whole_wins else 3.0) if not tile else 2.0
 
-    monkeypatch.setattr(plan_mod, "_time_candidate", fake_time)
+    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
     shapes, batch = ((8, 8, 4), (8, 8, 3)), 8192
     layer = NdLinear(*shapes, autotune="inductor", plan_batch=batch)
     choice = layer.plan_choice()
@@ -165,7 +167,7 @@ def test_eager_mode_never_times_the_whole_program_apart(monkeypatch: pytest.Monk
         calls.append((mode, tile))
         return 1.0
 
-    monkeypatch.setattr(plan_mod, "_time_candidate", fake_time)
+    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
     choice = plan_ndlinear((8, 8, 4), (8, 8, 3), batch=4096, machine=MACHINE, autotune=True)
     assert {c for c in calls} == {("eager", 0)} and not choice.chosen.whole
 
@@ -178,3 +180,36 @@ def test_printed_candidates_stay_aligned_with_long_labels() -> None:
     rows = lines[lines.index("  candidates (estimated µs | measured µs | FLOPs):") + 1 :]
     assert len(rows) == len(choice.candidates)
     assert len({line.rindex("|") for line in rows}) == 1
+
+
+def test_runs_are_timed_in_interleaved_rounds() -> None:
+    order: list[str] = []
+    runs = [lambda name=name: order.append(name) for name in "abc"]
+    medians = time_runs(runs, reps=3)
+    assert len(medians) == 3 and all(m >= 0 for m in medians)
+    # One warm-up each, then rounds that start one candidate later every time.
+    assert "".join(order) == "abc" + "abc" + "bca" + "cab"
+
+
+def test_interleaving_ranks_right_through_a_slow_stretch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ndcompile.planner.autotune as tuning
+
+    clock = {"now": 0.0, "calls": 0}
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock["now"])
+
+    def run(cost: float):  # type: ignore[no-untyped-def]
+        def step() -> None:
+            # The machine gets three times slower halfway through (other load).
+            clock["calls"] += 1
+            clock["now"] += cost * (1.0 if clock["calls"] <= 9 else 3.0)
+
+        return step
+
+    slow, fast = run(1.2), run(1.0)
+    t_slow, t_fast = time_runs([slow, fast], reps=8)
+    assert t_fast < t_slow
+    # Timed one after the other, the faster candidate would fall in the slow stretch.
+    clock.update(now=0.0, calls=0)
+    apart = [time_runs([slow], reps=8)[0]]
+    apart.append(time_runs([fast], reps=8)[0])
+    assert apart[1] > apart[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from autotune_helpers import jobs_timed_by
 
 import ndcompile
 import ndcompile.planner.autotune as tuning
@@ -101,7 +102,7 @@ def test_tiled_training_step_is_timed_against_the_whole_program(
         calls.append((cand.label, mode, tile))
         return 1.0 if tile else 5.0  # the tiled op wins
 
-    monkeypatch.setattr(plan_mod, "_time_candidate", fake_time)
+    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
     choice = plan_ndlinear((32, 32), (32, 32), batch=4096, machine=MACHINE, autotune="eager-train")
     assert {m for _, m, _ in calls} == {"eager-train"}
     assert any(t for *_, t in calls) and any(not t for *_, t in calls)
@@ -121,7 +122,7 @@ def test_whole_program_winning_a_training_step_untiles_the_layer(
     def fake_time(cand, operands, reps, mode, tile=0):  # type: ignore[no-untyped-def]
         return 5.0 if tile else 1.0
 
-    monkeypatch.setattr(plan_mod, "_time_candidate", fake_time)
+    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
     layer = NdLinear((32, 32), (32, 32), plan_batch=4096, autotune="eager-train")
     assert layer.plan_choice().chosen.whole and layer.tile == 0
     assert NdLinear((32, 32), (32, 32), plan_batch=4096).tile > 0

@@ -36,7 +36,9 @@ __all__ = [
     "eager_mode",
     "is_compiled",
     "is_training",
+    "prepare_run",
     "time_program",
+    "time_runs",
 ]
 
 #: Accepted ``autotune`` settings (``False`` is ``"off"``, ``True`` is ``"eager"``).
@@ -108,17 +110,35 @@ def autotune_key(
     return key if mode == "eager" else f"{key} {mode}"
 
 
-def _median_us(run: Callable[[], Any], reps: int, cuda: bool, grad: bool = False) -> float:
-    with torch.set_grad_enabled(grad):
+def time_runs(runs: Sequence[Callable[[], Any]], reps: int, cuda: bool = False) -> list[float]:
+    """Median time of each run, in microseconds, timed in interleaved rounds.
+
+    Every run is warmed up once; then each of ``reps`` rounds runs each once, starting
+    one later every round. Load on the machine and clock changes then fall on all
+    candidates alike, where timing one candidate's repetitions after another's would
+    hand a slow stretch to whichever ran in it.
+
+    Args:
+        runs: Prepared runs (:func:`prepare_run`).
+        reps: Timed rounds.
+        cuda: Synchronize CUDA after each run.
+
+    Returns:
+        The medians, in ``runs``' order.
+    """
+    for run in runs:
         run()
-        times = []
-        for _ in range(reps):
+    times: list[list[float]] = [[] for _ in runs]
+    n = len(runs)
+    for round_ in range(reps):
+        for k in range(n):
+            j = (round_ + k) % n
             t0 = time.perf_counter()
-            run()
+            runs[j]()
             if cuda:
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+            times[j].append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e6 for t in times]
 
 
 def _traced(program: ContractionProgram, n_operands: int) -> fx.GraphModule:
@@ -177,6 +197,58 @@ def compile_program(
         ) from exc
 
 
+def prepare_run(
+    program: ContractionProgram,
+    operands: Sequence[torch.Tensor],
+    mode: str = "eager",
+    tile: int = 0,
+) -> Callable[[], None]:
+    """One run of ``program`` on ``operands`` as a layer runs it, ready to time.
+
+    Args:
+        program: The candidate's program.
+        operands: Input and factors, as the program expects them (left untouched).
+        mode: One of :data:`AUTOTUNE_MODES` but ``"off"``: ``"inductor"`` modes
+            compile here (so compile time is not timed); ``"-train"`` modes run the
+            forward and the backward to every operand.
+        tile: Rows per tile: run the tiled CPU op instead (:mod:`ndcompile.ir.tiled`),
+            which runs its tiles eagerly in either mode (inductor cannot see inside).
+
+    Returns:
+        A function running one forward (no grad) or one training step.
+    """
+    train = is_training(mode)
+    ops = [t.detach().requires_grad_(train) for t in operands]
+    forward: Callable[..., Any]
+    if tile:
+        from ndcompile.ir.tiled import run_tiled
+
+        text = program.to_text()
+
+        def forward(x: torch.Tensor, *factors: torch.Tensor) -> Any:
+            return run_tiled(text, tile, x, factors)
+
+    elif is_compiled(mode):
+        forward = compile_program(program, ops, train=train)
+    else:
+        forward = _training_forward(program) if train else program.run
+    if not train:
+
+        def run() -> None:
+            with torch.no_grad():
+                forward(*ops)
+
+        return run
+    # Ones, not random numbers: timing must leave the caller's random stream alone.
+    grad_out = torch.ones_like(forward(*ops))
+
+    def step() -> None:
+        with torch.enable_grad():
+            torch.autograd.grad(forward(*ops), ops, grad_out)
+
+    return step
+
+
 def time_program(
     program: ContractionProgram,
     operands: list[torch.Tensor],
@@ -190,38 +262,11 @@ def time_program(
         program: The candidate's program.
         operands: Input and factors, as the program expects them.
         reps: Timed repetitions (after one warm-up run).
-        mode: One of :data:`AUTOTUNE_MODES` but ``"off"``: ``"inductor"`` modes
-            compile first (compile time not counted); ``"-train"`` modes time the
-            forward and the backward to every operand.
-        tile: Rows per tile: time the tiled CPU op instead (:mod:`ndcompile.ir.tiled`),
-            which runs its tiles eagerly in either mode (inductor cannot see inside).
+        mode: How it runs (see :func:`prepare_run`).
+        tile: Rows per tile of the tiled CPU op, or 0 (see :func:`prepare_run`).
 
     Returns:
         The median, in microseconds.
     """
-    cuda = operands[0].is_cuda
-    train = is_training(mode)
-    if train:
-        operands = [t.detach().requires_grad_() for t in operands]
-    forward: Callable[..., Any]
-    if tile:
-        from ndcompile.ir.tiled import run_tiled
-
-        text = program.to_text()
-
-        def forward(x: torch.Tensor, *factors: torch.Tensor) -> Any:
-            return run_tiled(text, tile, x, factors)
-
-    elif is_compiled(mode):
-        forward = compile_program(program, operands, train=train)
-    else:
-        forward = _training_forward(program) if train else program.run
-    if not train:
-        return _median_us(lambda: forward(*operands), reps, cuda)
-    # Ones, not random numbers: timing must leave the caller's random stream alone.
-    grad_out = torch.ones_like(forward(*operands))
-
-    def step() -> None:
-        torch.autograd.grad(forward(*operands), operands, grad_out)
-
-    return _median_us(step, reps, cuda, grad=True)
+    run = prepare_run(program, operands, mode, tile)
+    return time_runs([run], reps, operands[0].is_cuda)[0]

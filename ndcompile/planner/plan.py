@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations, pairwise, permutations
 from typing import Any
@@ -240,10 +241,14 @@ def _store_cache(key: str, label: str) -> None:
     autotune_cache().set(key, label)
 
 
-def _time_candidate(
-    cand: Candidate, operands: list[torch.Tensor], reps: int, mode: str, tile: int = 0
-) -> float:
-    return tuning.time_program(cand.plan.program, operands, reps, mode, tile)
+#: One timing job: a candidate, how it runs (an autotune mode) and its tile (0: whole).
+_Job = tuple[Candidate, str, int]
+
+
+def _time_jobs(jobs: Sequence[_Job], operands: list[torch.Tensor], reps: int) -> list[float]:
+    """Median µs of each job, all prepared (compiled) first, then timed interleaved."""
+    runs = [tuning.prepare_run(c.plan.program, operands, mode, tile) for c, mode, tile in jobs]
+    return tuning.time_runs(runs, reps, operands[0].is_cuda)
 
 
 def candidate_tile(
@@ -260,28 +265,39 @@ def candidate_tile(
 
 
 def _timed(
-    cand: Candidate,
+    cands: Sequence[Candidate],
     operands: list[torch.Tensor],
     reps: int,
     mode: str,
     shapes: tuple[tuple[int, ...], tuple[int, ...], int, int],
-) -> Candidate:
-    """``cand`` with its measured time, as the layer runs it (eagerly or compiled).
+) -> list[Candidate]:
+    """``cands`` with their measured times, as the layer runs them (eagerly or compiled).
 
     Under inductor, a CPU batch of more than two tiles runs the tiled op, whose tiles
     run eagerly; the compiled whole program is timed too, and kept when faster. So
     does a training step: the tiled op recomputes each tile in backward, the whole
-    program recomputes the whole batch at once.
+    program recomputes the whole batch at once. All runs are timed in the same
+    interleaved rounds (:func:`~ndcompile.planner.autotune.time_runs`).
     """
-    tiled = None
-    if tuning.is_compiled(mode) or tuning.is_training(mode):
-        tile = candidate_tile(cand.plan.program, *shapes)
-        if should_tile(operands[0], tile):
-            tiled = _time_candidate(cand, operands, reps, tuning.eager_mode(mode), tile)
-    whole = _time_candidate(cand, operands, reps, mode)
-    if tiled is None or whole < tiled:
-        return dataclasses.replace(cand, measured_us=whole, whole=tiled is not None)
-    return dataclasses.replace(cand, measured_us=tiled)
+    jobs: list[_Job] = []
+    for cand in cands:
+        jobs.append((cand, mode, 0))
+        if tuning.is_compiled(mode) or tuning.is_training(mode):
+            tile = candidate_tile(cand.plan.program, *shapes)
+            if should_tile(operands[0], tile):
+                jobs.append((cand, tuning.eager_mode(mode), tile))
+    whole_us: dict[int, float] = {}
+    tiled_us: dict[int, float] = {}
+    for (cand, _, tile), us in zip(jobs, _time_jobs(jobs, operands, reps), strict=True):
+        (tiled_us if tile else whole_us)[id(cand)] = us
+    timed = []
+    for cand in cands:
+        whole, tiled = whole_us[id(cand)], tiled_us.get(id(cand))
+        if tiled is None or whole < tiled:
+            timed.append(dataclasses.replace(cand, measured_us=whole, whole=tiled is not None))
+        else:
+            timed.append(dataclasses.replace(cand, measured_us=tiled))
+    return timed
 
 
 def is_dense_block(cand: Candidate, n_modes: int) -> bool:
@@ -458,7 +474,7 @@ def plan_ndlinear(
         or (not c.chains and c.plan.program.instructions == reference)
     ]
     sizes = (tuple(in_shape), tuple(out_shape), rank, itemsize)
-    timed = [_timed(c, operands, reps, mode, sizes) for c in chosen]
+    timed = _timed(chosen, operands, reps, mode, sizes)
     cands = timed + [c for c in cands if not any(c is t for t in chosen)]
     best = min(timed, key=lambda c: c.measured_us or math.inf)
     _store_cache(cache_key, best.label)
