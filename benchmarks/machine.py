@@ -13,6 +13,7 @@ import torch
 from timing import best_seconds
 
 __all__ = [
+    "TIMING_ENV",
     "add_machine_options",
     "machine_info",
     "measure_bandwidth",
@@ -125,6 +126,18 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Environment variables that change CPU timings (the allocator's page faults above
+#: all: see the README's CPU notes); recorded with the results when set.
+TIMING_ENV: tuple[str, ...] = (
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "THP_MEM_ALLOC_ENABLE",
+    "LD_PRELOAD",
+    "OMP_NUM_THREADS",
+)
+
+
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
     """Where the numbers come from: CPU, cores, threads, torch, device name, load.
 
@@ -133,7 +146,8 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
         threads: The intra-op thread count in effect.
 
     Returns:
-        JSON-able description (``loadavg`` where the OS has it, ``gpu`` on CUDA).
+        JSON-able description (``loadavg`` where the OS has it, ``gpu`` on CUDA,
+        ``env``: the :data:`TIMING_ENV` variables that are set).
     """
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
@@ -148,4 +162,5 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info["env"] = {k: os.environ[k] for k in TIMING_ENV if k in os.environ}
     return info

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("ndlinear")
 
@@ -265,3 +266,14 @@ def test_bench_training_quick_json(tmp_path: Path) -> None:
     saved = {v["variant"]: v["saved_mb"] for v in case["variants"]}
     # recomputing the contraction saves only its input, as the dense layer does
     assert saved["ndlinear recompute"] <= saved["dense"] < saved["ndlinear save"]
+
+
+def test_machine_info_records_the_allocator_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import machine
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4000000000")
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    info = machine.machine_info(torch.device("cpu"), 2)
+    assert info["env"]["MALLOC_TRIM_THRESHOLD_"] == "4000000000"
+    assert "THP_MEM_ALLOC_ENABLE" not in info["env"]
+    json.dumps(info)
