@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from ndcompile.planner.autotune import AUTOTUNE_MODES
+
 from common import (
     add_machine_options,
     machine_info,
@@ -101,7 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="?",
         const="eager",
         default=False,
-        choices=("eager", "inductor", "eager-train", "inductor-train"),
+        choices=tuple(m for m in AUTOTUNE_MODES if m != "off"),
         help="plan ndcompile layers by timing candidates: eagerly (the default with no "
         "value) or compiled by inductor (the plan the nd_inductor column runs); the "
         "-train settings time forward+backward (the plan the fwd+bwd columns favour)",

@@ -95,7 +95,8 @@ def build_variants(
 
     ``autotune`` plans the ndcompile layer by timing candidates (the reference
     schedule and layout and the dense block among them) instead of by the cost
-    model: ``"eager"``/``True`` eagerly, ``"inductor"`` compiled by inductor.
+    model: ``"eager"``/``True`` eagerly, ``"inductor"`` compiled by inductor, the
+    ``"-train"`` settings timing forward and backward.
 
     Returns:
         ``(modules, skipped, nd_layer)``: runnable variants, skip reasons by name,

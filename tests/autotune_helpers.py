@@ -14,18 +14,22 @@ FakeTime = Callable[..., float]
 
 
 def jobs_timed_by(fake: FakeTime) -> Callable[..., list[float]]:
-    """A stand-in for ``ndcompile.planner.plan._time_jobs`` that asks ``fake`` per job.
+    """A stand-in for ``ndcompile.planner.timed.time_jobs`` that asks ``fake`` per job.
 
     Args:
         fake: Called as ``fake(cand, operands, reps, mode, tile)`` for every job, in
             the order the planner lists them.
 
     Returns:
-        ``_time_jobs(jobs, operands, reps) -> [µs per job]``.
+        ``time_jobs(jobs, operands, reps, recompute=...) -> [µs per job]``.
     """
 
     def time_jobs(
-        jobs: Sequence[tuple[Any, str, int]], operands: list[torch.Tensor], reps: int
+        jobs: Sequence[tuple[Any, str, int]],
+        operands: list[torch.Tensor],
+        reps: int,
+        *,
+        recompute: bool = True,
     ) -> list[float]:
         return [fake(cand, operands, reps, mode, tile) for cand, mode, tile in jobs]
 

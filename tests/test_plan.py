@@ -9,7 +9,7 @@ import pytest
 import torch
 from autotune_helpers import jobs_timed_by
 
-import ndcompile.planner.plan as plan_mod
+import ndcompile.planner.timed as timed_mod
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.network import TensorNetwork
 from ndcompile.ir.program import ContractionProgram, Instruction
@@ -100,7 +100,7 @@ def test_autotune_times_then_hits_cache(monkeypatch) -> None:  # type: ignore[no
         calls.append(cand.label)
         return 1.0 if cand.label == "modes 0 | 1⊗2" else 10.0
 
-    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
+    monkeypatch.setattr(timed_mod, "time_jobs", jobs_timed_by(fake_time))
     first = plan_ndlinear((8, 8, 3), (8, 8, 3), batch=16, machine=MACHINE, autotune=True, top_k=4)
     assert calls and first.autotuned and not first.cache_hit
     assert first.chosen.label == "modes 0 | 1⊗2"
@@ -129,7 +129,7 @@ def test_autotune_always_times_the_reference_schedule_and_the_dense_block(
         calls.append(cand.label)
         return 1.0 if cand.label == winner else 10.0
 
-    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
+    monkeypatch.setattr(timed_mod, "time_jobs", jobs_timed_by(fake_time))
     shapes = (in_shape, (8, 8, 3))
     estimated = plan_ndlinear(*shapes, batch=16, machine=MACHINE)
     rank = [c.label for c in estimated.candidates].index(winner)

@@ -9,6 +9,7 @@ import torch
 from autotune_helpers import jobs_timed_by
 
 import ndcompile.planner.plan as plan_mod
+import ndcompile.planner.timed as timed_mod
 from ndcompile.cli.convert import conversion_kwargs
 from ndcompile.cli.loading import UsageError
 from ndcompile.cli.main import build_parser
@@ -101,7 +102,7 @@ def test_inductor_mode_times_compiled_and_caches_apart(monkeypatch: pytest.Monke
         best = "reference layout" if mode == "inductor" else "order 0,1,2"
         return 1.0 if cand.label == best else 10.0
 
-    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
+    monkeypatch.setattr(timed_mod, "time_jobs", jobs_timed_by(fake_time))
     shapes = ((8, 8, 4), (8, 8, 3))
     compiled = plan_ndlinear(*shapes, batch=16, machine=MACHINE, autotune="inductor")
     assert compiled.chosen.label == "reference layout" and compiled.mode == "inductor"
@@ -144,7 +145,7 @@ def test_inductor_mode_weighs_the_tiled_op_against_the_whole_program(
         calls.append((mode, tile))
         return (1.0 if whole_wins else 3.0) if not tile else 2.0
 
-    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
+    monkeypatch.setattr(timed_mod, "time_jobs", jobs_timed_by(fake_time))
     shapes, batch = ((8, 8, 4), (8, 8, 3)), 8192
     layer = NdLinear(*shapes, autotune="inductor", plan_batch=batch)
     choice = layer.plan_choice()
@@ -167,7 +168,7 @@ def test_eager_mode_never_times_the_whole_program_apart(monkeypatch: pytest.Monk
         calls.append((mode, tile))
         return 1.0
 
-    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
+    monkeypatch.setattr(timed_mod, "time_jobs", jobs_timed_by(fake_time))
     choice = plan_ndlinear((8, 8, 4), (8, 8, 3), batch=4096, machine=MACHINE, autotune=True)
     assert {c for c in calls} == {("eager", 0)} and not choice.chosen.whole
 

@@ -8,9 +8,10 @@ from autotune_helpers import jobs_timed_by
 
 import ndcompile
 import ndcompile.planner.autotune as tuning
-import ndcompile.planner.plan as plan_mod
+import ndcompile.planner.timed as timed_mod
 from ndcompile.cli.convert import conversion_kwargs
 from ndcompile.cli.main import build_parser
+from ndcompile.errors import NdCompileError
 from ndcompile.ir.autodiff import run_recomputed
 from ndcompile.ir.network import TensorNetwork
 from ndcompile.layers.ndlinear import NdLinear
@@ -21,6 +22,7 @@ from ndcompile.planner.autotune import (
     check_autotune,
     compile_program,
     eager_mode,
+    prepare_run,
     time_program,
 )
 from ndcompile.planner.machine import MachineModel
@@ -93,8 +95,18 @@ def test_training_modes_time_the_backward_too(mode: str, monkeypatch: pytest.Mon
     assert not any(t.requires_grad for t in ops)  # the caller's operands are untouched
 
 
+@pytest.fixture
+def tile_256(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Automatic tiles of 256 rows, whatever this machine's caches."""
+    import ndcompile.layers.ndlinear as ndlinear_mod
+
+    monkeypatch.setattr(timed_mod, "candidate_tile", lambda *args: 256)
+    monkeypatch.setattr(ndlinear_mod, "candidate_tile", lambda *args: 256)
+    return 256
+
+
 def test_tiled_training_step_is_timed_against_the_whole_program(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tile_256: int
 ) -> None:
     calls: list[tuple[str, str, int]] = []
 
@@ -102,10 +114,10 @@ def test_tiled_training_step_is_timed_against_the_whole_program(
         calls.append((cand.label, mode, tile))
         return 1.0 if tile else 5.0  # the tiled op wins
 
-    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
+    monkeypatch.setattr(timed_mod, "time_jobs", jobs_timed_by(fake_time))
     choice = plan_ndlinear((32, 32), (32, 32), batch=4096, machine=MACHINE, autotune="eager-train")
     assert {m for _, m, _ in calls} == {"eager-train"}
-    assert any(t for *_, t in calls) and any(not t for *_, t in calls)
+    assert {t for *_, t in calls} == {0, tile_256}
     assert not choice.chosen.whole
     assert "autotuned, forward+backward" in str(choice)
     calls.clear()
@@ -117,15 +129,78 @@ def test_tiled_training_step_is_timed_against_the_whole_program(
 
 
 def test_whole_program_winning_a_training_step_untiles_the_layer(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tile_256: int
 ) -> None:
     def fake_time(cand, operands, reps, mode, tile=0):  # type: ignore[no-untyped-def]
         return 5.0 if tile else 1.0
 
-    monkeypatch.setattr(plan_mod, "_time_jobs", jobs_timed_by(fake_time))
+    monkeypatch.setattr(timed_mod, "time_jobs", jobs_timed_by(fake_time))
     layer = NdLinear((32, 32), (32, 32), plan_batch=4096, autotune="eager-train")
     assert layer.plan_choice().chosen.whole and layer.tile == 0
-    assert NdLinear((32, 32), (32, 32), plan_batch=4096).tile > 0
+    assert NdLinear((32, 32), (32, 32), plan_batch=4096).tile == tile_256
+
+
+def test_a_layer_saving_its_intermediates_is_timed_untiled_and_keyed_apart(
+    monkeypatch: pytest.MonkeyPatch, tile_256: int
+) -> None:
+    calls: list[tuple[int, bool]] = []
+
+    def time_jobs(jobs, operands, reps, *, recompute=True):  # type: ignore[no-untyped-def]
+        calls.extend((tile, recompute) for _, _, tile in jobs)
+        return [1.0] * len(jobs)
+
+    monkeypatch.setattr(timed_mod, "time_jobs", time_jobs)
+    layer = NdLinear((32, 32), (32, 32), plan_batch=4096, autotune="eager-train", recompute=False)
+    assert calls and all(tile == 0 and not recompute for tile, recompute in calls)
+    assert layer.tile == tile_256 and not layer.plan_choice().cache_hit
+    args = ((32, 32), (32, 32), 1, 4096, torch.float32, "cpu", "eager-train")
+    assert autotune_key(*args, recompute=False) != autotune_key(*args)
+    assert autotune_key(*args[:-1], "eager", recompute=False) == autotune_key(*args[:-1])
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_the_training_step_runs_the_layers_own_forward(
+    monkeypatch: pytest.MonkeyPatch, recompute: bool
+) -> None:
+    import ndcompile.ir.autodiff as autodiff
+
+    calls: list[int] = []
+    real = autodiff.run_recomputed
+
+    def counting(program, *operands):  # type: ignore[no-untyped-def]
+        calls.append(len(operands))
+        return real(program, *operands)
+
+    monkeypatch.setattr(autodiff, "run_recomputed", counting)
+    shapes = ((4, 6), (3, 5))
+    program = TensorNetwork.from_ndlinear(*shapes).plan(nominal_batch=8).program
+    ops = [t.detach() for t in _operands(*shapes)]
+    step = prepare_run(program, ops, "eager-train", recompute=recompute)
+    calls.clear()
+    step()
+    assert calls == ([3] if recompute else [])
+
+
+def test_training_autotune_works_under_inference_mode() -> None:
+    with torch.inference_mode():
+        choice = plan_ndlinear((4, 6), (3, 5), batch=8, machine=MACHINE, autotune="eager-train")
+    assert any(c.measured_us for c in choice.candidates)
+
+
+def test_a_backward_that_fails_to_compile_names_the_eager_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch._inductor.compile_fx as cfx
+
+    def broken(gm, inputs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cfx, "compile_fx", broken)
+    program = TensorNetwork.from_ndlinear((4, 4), (2, 2)).plan(nominal_batch=8).program
+    ops = [t.detach() for t in _operands((4, 4), (2, 2))]
+    with pytest.raises(NdCompileError, match="autotune='inductor-train' could not compile") as info:
+        prepare_run(program, ops, "inductor-train")
+    assert "autotune='eager-train'" in str(info.value)
 
 
 @pytest.mark.parametrize("mode", TRAIN_MODES)
@@ -185,3 +260,27 @@ def test_autotuning_leaves_the_global_random_stream_alone(mode: str) -> None:
     state = torch.get_rng_state()
     plan_ndlinear((4, 6), (3, 5), batch=8, machine=MACHINE, autotune=mode)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        raise RuntimeError("backward compile failed")
+
+
+def test_the_compiled_backward_is_made_while_preparing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.compile_fx as cfx
+
+    # A compiled forward whose backward fails, as inductor's lazily compiled one can.
+    monkeypatch.setattr(
+        cfx, "compile_fx", lambda gm, inputs: lambda *ops: _FailingBackward.apply(ops[0])
+    )
+    program = TensorNetwork.from_ndlinear((4, 4), (2, 2)).plan(nominal_batch=8).program
+    ops = [t.detach() for t in _operands((4, 4), (2, 2))]
+    with pytest.raises(NdCompileError, match="backward compile failed"):
+        prepare_run(program, ops, "inductor-train")
+    prepare_run(program, ops, "inductor")  # inference takes no backward

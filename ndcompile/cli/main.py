@@ -34,6 +34,7 @@ from ndcompile.cli.output import Terminated, terminate_on_signals
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.network import OPTIMIZERS
 from ndcompile.pipeline.convert import MODES, convert
+from ndcompile.planner.autotune import AUTOTUNE_MODES
 
 __all__ = ["EXIT_FAILED", "EXIT_USAGE", "build_parser", "format_error", "main"]
 
@@ -144,7 +145,7 @@ def _add_conversion_options(p: argparse.ArgumentParser, *, mode_required: bool) 
 def _add_autotune_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--autotune",
-        choices=("eager", "inductor", "eager-train", "inductor-train"),
+        choices=tuple(m for m in AUTOTUNE_MODES if m != "off"),
         help="plan each layer by timing candidate plans on the example's shapes: eagerly, "
         "or compiled by inductor for a model that will run under torch.compile; the "
         "-train settings time forward and backward, for a model that will be trained "

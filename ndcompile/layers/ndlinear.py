@@ -56,8 +56,9 @@ class NdLinear(nn.Module):
             fastest (cached on disk per shape/dtype/device): ``True`` times them
             eagerly, ``"inductor"`` compiled by inductor (for a layer that will run
             under ``torch.compile``), ``"eager-train"``/``"inductor-train"`` time
-            forward and backward (for a layer that will be trained), ``False`` plans
-            by the cost model.
+            forward and backward as this layer trains (with its ``recompute``;
+            a step that runs faster untiled leaves inference untiled too),
+            ``False`` plans by the cost model.
         flat: Take and return flattened modes, ``(*, prod d) -> (*, prod h)``, the
             ``nn.Linear`` convention (a drop-in replacement for a Linear).
         recompute: In training, save only the input and the factors for backward and
@@ -177,6 +178,7 @@ class NdLinear(nn.Module):
             optimizer=self.optimizer,
             autotune=self.autotune,
             dtype=dtype or torch.get_default_dtype(),
+            recompute=self.recompute,
         )
         return self._choice.chosen.plan
 

@@ -88,7 +88,7 @@ def check_autotune(value: bool | str | None) -> str:
 
 
 def autotune_setting(value: bool | str | None) -> bool | str:
-    """The canonical stored form of a setting: ``False``, ``True`` or ``"inductor"``."""
+    """The canonical stored form of a setting: ``False``, ``True`` or the mode's name."""
     mode = check_autotune(value)
     return {"off": False, "eager": True}.get(mode, mode)
 
@@ -101,12 +101,20 @@ def autotune_key(
     dtype: torch.dtype,
     device: str,
     mode: str = "eager",
+    *,
+    recompute: bool = True,
 ) -> str:
-    """Cache key of one autotune decision (eager keys keep their historical form)."""
+    """Cache key of one autotune decision (eager keys keep their historical form).
+
+    A training mode's key also says when the layer saves its intermediates
+    (``recompute=False``): its step runs other code than a recomputing layer's.
+    """
     key = (
         f"{in_shape}->{out_shape} r{rank} b{batch} {dtype} {device} "
         f"t{torch.get_num_threads()} torch{torch.__version__}"
     )
+    if is_training(mode) and not recompute:
+        mode = f"{mode} saved"
     return key if mode == "eager" else f"{key} {mode}"
 
 
@@ -128,6 +136,8 @@ def time_runs(runs: Sequence[Callable[[], Any]], reps: int, cuda: bool = False) 
     """
     for run in runs:
         run()
+    if cuda:
+        torch.cuda.synchronize()
     times: list[list[float]] = [[] for _ in runs]
     n = len(runs)
     for round_ in range(reps):
@@ -168,16 +178,32 @@ def _traced_training(program: ContractionProgram, n_operands: int) -> fx.GraphMo
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
+def _compile_error(exc: Exception, mode: str) -> NdCompileError:
+    fallback = "autotune=True" if not is_training(mode) else f"autotune={eager_mode(mode)!r}"
+    return NdCompileError(
+        f"autotune={mode!r} could not compile a candidate plan: {type(exc).__name__}: "
+        f"{first_line(exc)[:200]}",
+        hint=f"use {fallback} to time the plans eagerly instead",
+    )
+
+
 def compile_program(
-    program: ContractionProgram, operands: Sequence[torch.Tensor], *, train: bool = False
+    program: ContractionProgram,
+    operands: Sequence[torch.Tensor],
+    *,
+    train: bool = False,
+    recompute: bool = True,
 ) -> Callable[..., Any]:
     """``program`` compiled by inductor for ``operands``' shapes (no dynamo, no guards).
 
     Args:
         program: The candidate's program.
         operands: Example input and factors.
-        train: Compile the training forward and its backward (``operands`` should
-            require grad); else the inference forward.
+        train: Compile for training (``operands`` should require grad): the forward
+            now, its backward on the first backward call.
+        recompute: With ``train``, the recomputing forward (:func:`run_recomputed`,
+            what a layer with ``recompute=True`` runs); else the plain program, whose
+            intermediates autograd saves.
 
     Raises:
         NdCompileError: When inductor cannot compile here (e.g. no C++ compiler).
@@ -185,16 +211,12 @@ def compile_program(
     from torch._inductor.compile_fx import compile_fx
 
     n = len(operands)
-    gm = _traced_training(program, n) if train else _traced(program, n)
+    gm = _traced_training(program, n) if train and recompute else _traced(program, n)
     try:
         with torch.set_grad_enabled(train):
             return compile_fx(gm, list(operands))  # type: ignore[return-value]
     except Exception as exc:  # inductor's own errors vary by platform
-        raise NdCompileError(
-            f"autotune='inductor' could not compile a candidate plan: {type(exc).__name__}: "
-            f"{first_line(exc)[:200]}",
-            hint="use autotune=True to time the plans eagerly instead",
-        ) from exc
+        raise _compile_error(exc, "inductor-train" if train else "inductor") from exc
 
 
 def prepare_run(
@@ -202,6 +224,8 @@ def prepare_run(
     operands: Sequence[torch.Tensor],
     mode: str = "eager",
     tile: int = 0,
+    *,
+    recompute: bool = True,
 ) -> Callable[[], None]:
     """One run of ``program`` on ``operands`` as a layer runs it, ready to time.
 
@@ -209,13 +233,19 @@ def prepare_run(
         program: The candidate's program.
         operands: Input and factors, as the program expects them (left untouched).
         mode: One of :data:`AUTOTUNE_MODES` but ``"off"``: ``"inductor"`` modes
-            compile here (so compile time is not timed); ``"-train"`` modes run the
-            forward and the backward to every operand.
+            compile here, the backward too (so no compile time is timed);
+            ``"-train"`` modes run the forward and the backward to every operand.
         tile: Rows per tile: run the tiled CPU op instead (:mod:`ndcompile.ir.tiled`),
             which runs its tiles eagerly in either mode (inductor cannot see inside).
+        recompute: How a training layer runs (``NdLinear(recompute=...)``): saving
+            only its inputs and recomputing the rest in backward, or saving every
+            intermediate (the plain program under autograd).
 
     Returns:
         A function running one forward (no grad) or one training step.
+
+    Raises:
+        NdCompileError: When inductor cannot compile the forward or the backward.
     """
     train = is_training(mode)
     ops = [t.detach().requires_grad_(train) for t in operands]
@@ -229,9 +259,9 @@ def prepare_run(
             return run_tiled(text, tile, x, factors)
 
     elif is_compiled(mode):
-        forward = compile_program(program, ops, train=train)
+        forward = compile_program(program, ops, train=train, recompute=recompute)
     else:
-        forward = _training_forward(program) if train else program.run
+        forward = _training_forward(program) if train and recompute else program.run
     if not train:
 
         def run() -> None:
@@ -239,13 +269,19 @@ def prepare_run(
                 forward(*ops)
 
         return run
-    # Ones, not random numbers: timing must leave the caller's random stream alone.
-    grad_out = torch.ones_like(forward(*ops))
+    with torch.enable_grad():
+        # Ones, not random numbers: timing must leave the caller's random stream alone.
+        grad_out = torch.ones_like(forward(*ops))
 
     def step() -> None:
         with torch.enable_grad():
             torch.autograd.grad(forward(*ops), ops, grad_out)
 
+    if is_compiled(mode) and not tile:
+        try:  # inductor compiles the backward on its first call
+            step()
+        except Exception as exc:
+            raise _compile_error(exc, mode) from exc
     return step
 
 

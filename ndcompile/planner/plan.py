@@ -17,9 +17,11 @@ page faults; small ones mostly hit cache)
 
 using measured machine constants (:mod:`ndcompile.machine`). ``autotune=True`` times
 the best few candidates on the real shapes instead (``autotune="inductor"``: compiled
-by inductor, :mod:`ndcompile.planner.autotune`), always with the reference layer's own
-schedule and op sequence among them (:mod:`ndcompile.planner.reference`), and caches
-the decision on disk keyed on (network, shapes, dtype, device, threads, torch version).
+by inductor; ``"eager-train"``/``"inductor-train"``: forward and backward;
+:mod:`ndcompile.planner.autotune`, :mod:`ndcompile.planner.timed`), always with the
+reference layer's own schedule and op sequence among them
+(:mod:`ndcompile.planner.reference`), and caches the decision on disk keyed on
+(network, shapes, dtype, device, threads, torch version, autotune mode).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import torch
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
 from ndcompile.ir.program import ContractionProgram
 from ndcompile.ir.terms import sum_of_terms
-from ndcompile.ir.tiled import choose_tile, row_elements, should_tile
 from ndcompile.planner import autotune as tuning
 from ndcompile.planner.cache import autotune_cache
 from ndcompile.planner.machine import MachineModel, machine_model
@@ -46,6 +47,7 @@ from ndcompile.planner.reference import (
     reference_schedule,
     sequential_path,
 )
+from ndcompile.planner.timed import candidate_tile, timed_candidates
 
 __all__ = [
     "Candidate",
@@ -241,65 +243,6 @@ def _store_cache(key: str, label: str) -> None:
     autotune_cache().set(key, label)
 
 
-#: One timing job: a candidate, how it runs (an autotune mode) and its tile (0: whole).
-_Job = tuple[Candidate, str, int]
-
-
-def _time_jobs(jobs: Sequence[_Job], operands: list[torch.Tensor], reps: int) -> list[float]:
-    """Median µs of each job, all prepared (compiled) first, then timed interleaved."""
-    runs = [tuning.prepare_run(c.plan.program, operands, mode, tile) for c, mode, tile in jobs]
-    return tuning.time_runs(runs, reps, operands[0].is_cuda)
-
-
-def candidate_tile(
-    program: ContractionProgram,
-    in_shape: tuple[int, ...],
-    out_shape: tuple[int, ...],
-    rank: int,
-    itemsize: int,
-) -> int:
-    """Rows per tile a layer running ``program`` uses on the CPU (its automatic tile)."""
-    modes = zip(in_shape, out_shape, strict=True)
-    shapes = [(rank, h, d) if rank > 1 else (h, d) for d, h in modes]
-    return choose_tile(row_elements(program, in_shape, shapes), itemsize)
-
-
-def _timed(
-    cands: Sequence[Candidate],
-    operands: list[torch.Tensor],
-    reps: int,
-    mode: str,
-    shapes: tuple[tuple[int, ...], tuple[int, ...], int, int],
-) -> list[Candidate]:
-    """``cands`` with their measured times, as the layer runs them (eagerly or compiled).
-
-    Under inductor, a CPU batch of more than two tiles runs the tiled op, whose tiles
-    run eagerly; the compiled whole program is timed too, and kept when faster. So
-    does a training step: the tiled op recomputes each tile in backward, the whole
-    program recomputes the whole batch at once. All runs are timed in the same
-    interleaved rounds (:func:`~ndcompile.planner.autotune.time_runs`).
-    """
-    jobs: list[_Job] = []
-    for cand in cands:
-        jobs.append((cand, mode, 0))
-        if tuning.is_compiled(mode) or tuning.is_training(mode):
-            tile = candidate_tile(cand.plan.program, *shapes)
-            if should_tile(operands[0], tile):
-                jobs.append((cand, tuning.eager_mode(mode), tile))
-    whole_us: dict[int, float] = {}
-    tiled_us: dict[int, float] = {}
-    for (cand, _, tile), us in zip(jobs, _time_jobs(jobs, operands, reps), strict=True):
-        (tiled_us if tile else whole_us)[id(cand)] = us
-    timed = []
-    for cand in cands:
-        whole, tiled = whole_us[id(cand)], tiled_us.get(id(cand))
-        if tiled is None or whole < tiled:
-            timed.append(dataclasses.replace(cand, measured_us=whole, whole=tiled is not None))
-        else:
-            timed.append(dataclasses.replace(cand, measured_us=tiled))
-    return timed
-
-
 def is_dense_block(cand: Candidate, n_modes: int) -> bool:
     """Whether ``cand`` is the dense layer: every mode in one Kronecker block, one GEMM."""
     return not cand.chains and cand.grouping == (tuple(range(n_modes)),)
@@ -394,6 +337,23 @@ def _candidates(problem: _Problem) -> list[Candidate]:
     return cands
 
 
+def _timing_operands(
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    rank: int,
+    batch: int,
+    dtype: torch.dtype,
+    device: str,
+) -> list[torch.Tensor]:
+    """Random input and factors to time candidates on (their own generator)."""
+    gen = torch.Generator().manual_seed(0)
+    operands = [torch.randn(batch, *in_shape, generator=gen, dtype=dtype).to(device)]
+    for d, h in zip(in_shape, out_shape, strict=True):
+        shape = (h, d) if rank == 1 else (rank, h, d)
+        operands.append(torch.randn(*shape, generator=gen, dtype=dtype).to(device))
+    return operands
+
+
 def plan_ndlinear(
     in_shape: tuple[int, ...],
     out_shape: tuple[int, ...],
@@ -407,6 +367,7 @@ def plan_ndlinear(
     reps: int = 7,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    recompute: bool = True,
 ) -> PlanChoice:
     """Choose how to execute an NdLinear ``(batch, *in_shape) -> (batch, *out_shape)``.
 
@@ -428,13 +389,16 @@ def plan_ndlinear(
         reps: Timed repetitions per candidate.
         dtype: Dtype used for timing and element sizes.
         device: Device used for timing.
+        recompute: How the layer trains (``NdLinear(recompute=...)``), for the
+            training modes: recomputing its intermediates in backward (and tiling
+            large CPU batches), or saving them (never tiled while training).
 
     Returns:
         The choice, with every candidate's estimate.
 
     Raises:
-        NdCompileError: On an unknown optimizer or autotune setting, or when
-            ``autotune="inductor"`` cannot compile here.
+        NdCompileError: On an unknown optimizer or autotune setting, or when an
+            ``"inductor"`` mode cannot compile here.
     """
     check_optimizer(optimizer)
     mode = tuning.check_autotune(autotune)
@@ -453,17 +417,12 @@ def plan_ndlinear(
     # than either on the machine that runs it, eagerly or compiled as timed.
     n = len(in_shape)
     cache_key = tuning.autotune_key(
-        tuple(in_shape), tuple(out_shape), rank, batch, dtype, device, mode
+        tuple(in_shape), tuple(out_shape), rank, batch, dtype, device, mode, recompute=recompute
     )
     label = _load_cache().get(cache_key)
     for cand in (*cands, *(dataclasses.replace(c, whole=True) for c in cands)):
         if cand.label == label:
             return PlanChoice(cand, cands, autotuned=True, cache_hit=True, mode=mode)
-    gen = torch.Generator().manual_seed(0)
-    operands = [torch.randn(batch, *in_shape, generator=gen, dtype=dtype).to(device)]
-    for d, h in zip(in_shape, out_shape, strict=True):
-        shape = (h, d) if rank == 1 else (rank, h, d)
-        operands.append(torch.randn(*shape, generator=gen, dtype=dtype).to(device))
     reference = reference_schedule(tn, n, batch, optimizer).program.instructions
     chosen = [
         c
@@ -474,7 +433,10 @@ def plan_ndlinear(
         or (not c.chains and c.plan.program.instructions == reference)
     ]
     sizes = (tuple(in_shape), tuple(out_shape), rank, itemsize)
-    timed = _timed(chosen, operands, reps, mode, sizes)
+    # Timing takes gradients in the training modes, which inference mode forbids.
+    with torch.inference_mode(False):
+        operands = _timing_operands(in_shape, out_shape, rank, batch, dtype, device)
+        timed = timed_candidates(chosen, operands, reps, mode, sizes, recompute=recompute)
     cands = timed + [c for c in cands if not any(c is t for t in chosen)]
     best = min(timed, key=lambda c: c.measured_us or math.inf)
     _store_cache(cache_key, best.label)
