@@ -161,16 +161,25 @@ def test_inductor_mode_weighs_the_tiled_op_against_the_whole_program(
     assert again.plan_choice().chosen.whole is whole_wins and again.tile == layer.tile
 
 
-def test_eager_mode_never_times_the_whole_program_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("whole_wins", [True, False])
+def test_eager_mode_weighs_the_tiled_op_against_the_whole_program(
+    monkeypatch: pytest.MonkeyPatch, whole_wins: bool
+) -> None:
     calls: list[tuple[str, int]] = []
 
     def fake_time(cand, operands, reps, mode, tile=0):  # type: ignore[no-untyped-def]
         calls.append((mode, tile))
-        return 1.0
+        return (2.0 if tile else 1.0) if whole_wins else (1.0 if tile else 2.0)
 
     monkeypatch.setattr(timed_mod, "time_jobs", jobs_timed_by(fake_time))
+    monkeypatch.setattr(timed_mod, "candidate_tile", lambda *args: 256)
     choice = plan_ndlinear((8, 8, 4), (8, 8, 3), batch=4096, machine=MACHINE, autotune=True)
-    assert {c for c in calls} == {("eager", 0)} and not choice.chosen.whole
+    assert {c for c in calls} == {("eager", 0), ("eager", 256)}
+    assert choice.chosen.whole == whole_wins
+    assert choice.chosen.measured_us == 1.0
+    calls.clear()
+    plan_ndlinear((8, 8, 4), (8, 8, 3), batch=64, machine=MACHINE, autotune=True)
+    assert {c for c in calls} == {("eager", 0)}  # too few rows to tile
 
 
 def test_printed_candidates_stay_aligned_with_long_labels() -> None:

@@ -71,14 +71,13 @@ def _jobs(
 ) -> list[tuple[int, Job]]:
     """Each candidate's whole program, and its tiled op where the layer may run that.
 
-    Under inductor, a CPU batch of more than two tiles runs the tiled op, whose tiles
-    run eagerly; the compiled whole program is a choice too. So is a recomputing
-    training step: the tiled op recomputes each tile in backward, the whole program
-    the whole batch at once. A layer saving its intermediates never tiles a step.
+    A CPU batch of more than two tiles runs the tiled op (whose tiles run eagerly,
+    under inductor too); the whole program, compiled or not, is a choice too. So is
+    a recomputing training step: the tiled op recomputes each tile in backward, the
+    whole program the whole batch at once. A layer saving its intermediates never
+    tiles a step.
     """
-    tiles = tuning.is_compiled(mode) or tuning.is_training(mode)
-    if tuning.is_training(mode) and not recompute:
-        tiles = False
+    tiles = recompute or not tuning.is_training(mode)
     jobs: list[tuple[int, Job]] = []
     for k, cand in enumerate(cands):
         jobs.append((k, (cand, mode, 0)))
