@@ -108,8 +108,7 @@ def _matmul(
     if full_row and a.dim() in (2, 3) and a.shape[:-2] == b.shape[:-2]:
         acc = _bias_view(bias, a.dtype, shape)
     if acc is not None:
-        gemm = torch.addmm if a.dim() == 2 else torch.baddbmm
-        return (gemm(acc, a, b) if dest is None else gemm(acc, a, b, out=dest)), True
+        return _biased_gemm(acc, a, b, dest), True
     if ranks == (2, 3):
         return (torch.bmm(a, b) if dest is None else torch.bmm(a, b, out=dest)), False
     return (torch.matmul(a, b) if dest is None else torch.matmul(a, b, out=dest)), False
@@ -132,10 +131,16 @@ def _matmul_plus(
         product, _ = _matmul(a, b, (), None, None)
         return _add(product, bias, out) if tensors else product + bias
     shape = (*a.shape[:-1], b.shape[-1])
+    dest = out.view(shape) if out is not None and out.numel() == math.prod(shape) else None
+    return _biased_gemm(bias, a, b, dest)
+
+
+def _biased_gemm(
+    bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None
+) -> torch.Tensor:
+    """``bias + a @ b`` in one GEMM (``addmm`` for 2-D, ``baddbmm`` for batched 3-D)."""
     gemm = torch.addmm if a.dim() == 2 else torch.baddbmm
-    if out is not None and out.numel() == math.prod(shape):
-        return gemm(bias, a, b, out=out.view(shape))
-    return gemm(bias, a, b)
+    return gemm(bias, a, b) if out is None else gemm(bias, a, b, out=out)
 
 
 def _bias_view(

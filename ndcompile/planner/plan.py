@@ -95,9 +95,8 @@ class Candidate:
             (:func:`~ndcompile.planner.reference.reference_layout_plan`), else empty
             (ndcompile's lowering).
         whole: Run untiled although the batch would be tiled: set when autotuning
-            under inductor found the compiled whole program faster than the tiled op
-            (whose tiles run eagerly, out of inductor's sight), or when autotuning a
-            training step found the whole program's step faster.
+            (in any mode) found the whole program, compiled under inductor, faster
+            than the tiled op, whose tiles run eagerly, out of inductor's sight.
     """
 
     grouping: tuple[tuple[int, ...], ...]
