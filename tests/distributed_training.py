@@ -49,7 +49,7 @@ def converted_model(kind: str) -> nn.Module:
         if kind == "tiled":
             for layer in model.modules():
                 if isinstance(layer, NdLinear):
-                    layer.tile = 1
+                    layer.tile_setting = layer.tile = 1
         return model
     return ndcompile.convert(DataDependent(), torch.randn(2, 64), mode="fresh")
 

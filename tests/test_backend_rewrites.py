@@ -173,7 +173,7 @@ def test_mode_chain_runs_tiled_on_cpu(dtype: torch.dtype, monkeypatch) -> None:
     monkeypatch.setattr(tiled, "choose_tile", lambda *args, **kwargs: 16)
     torch.manual_seed(0)
     model = ndlinear.NdLinear((4, 6, 3), (5, 2, 3)).to(dtype)
-    x = torch.randn(100, 4, 6, 3, dtype=dtype)
+    x = torch.randn(16 * tiled.AUTO_WHOLE_TILES + 40, 4, 6, 3, dtype=dtype)
     (gm, inputs), *_ = capture(model, x)
     work, report, _ = rewrite_dynamo_graph(gm, inputs)
     assert report.layers[0].status == "inlined" and tiled_calls(work) == 1

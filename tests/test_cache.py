@@ -152,6 +152,7 @@ def test_machine_model_measures_once_and_caches(fresh_machine: list[str]) -> Non
     path = machine_cache().path
     assert json.loads(path.read_text()) == {
         "bandwidth_gbs": 9.0, "device": "cpu", "matmul_gflops": 80.0, "op_overhead_us": 4.0,
+        "bias_in_gemm": True,
     }  # fmt: skip
     machine._MEMO.clear()
     assert machine_model() == MEASURED
@@ -196,4 +197,57 @@ def test_unusable_override_is_an_error(monkeypatch: pytest.MonkeyPatch, override
 
     monkeypatch.setenv("NDCOMPILE_MACHINE", override)
     with pytest.raises(NdCompileError, match="positive numbers"):
+        machine_model()
+
+
+def test_a_cache_from_before_the_bias_choice_gets_it_measured_once(
+    fresh_machine: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = machine_cache().path
+    old = {"matmul_gflops": 80.0, "bandwidth_gbs": 9.0, "op_overhead_us": 4.0, "device": "cpu"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(old))
+    timed: list[str] = []
+    monkeypatch.setattr(machine, "bias_in_gemm", lambda device: timed.append(device) or False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an older file is not corrupt
+        model = machine_model()
+    assert model == MachineModel(80.0, 9.0, 4.0, "cpu", bias_in_gemm=False)
+    assert timed == ["cpu"] and fresh_machine == []  # the constants were not measured again
+    assert json.loads(path.read_text()) == {**old, "bias_in_gemm": False}
+    machine._MEMO.clear()
+    assert machine_model() == model and timed == ["cpu"]
+
+
+def test_a_cache_with_a_bad_bias_choice_is_warned_about_and_measured(
+    fresh_machine: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = machine_cache().path
+    good = {"matmul_gflops": 80.0, "bandwidth_gbs": 9.0, "op_overhead_us": 4.0, "device": "cpu"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**good, "bias_in_gemm": "yes"}))
+    monkeypatch.setattr(machine, "bias_in_gemm", lambda device: True)
+    with pytest.warns(CacheWarning, match="bias_in_gemm"):
+        assert machine_model().bias_in_gemm is True
+    assert json.loads(path.read_text()) == {**good, "bias_in_gemm": True}
+
+
+@pytest.mark.parametrize(("value", "fold"), [("false", False), ("true", True), (None, True)])
+def test_override_may_set_the_bias_choice(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, fold: bool
+) -> None:
+    extra = "" if value is None else f', "bias_in_gemm": {value}'
+    override = '{"matmul_gflops": 1, "bandwidth_gbs": 1, "op_overhead_us": 1' + extra + "}"
+    monkeypatch.setenv("NDCOMPILE_MACHINE", override)
+    assert machine_model().bias_in_gemm is fold
+
+
+def test_override_with_a_non_boolean_bias_choice_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ndcompile.errors import NdCompileError
+
+    override = '{"matmul_gflops": 1, "bandwidth_gbs": 1, "op_overhead_us": 1, "bias_in_gemm": 0}'
+    monkeypatch.setenv("NDCOMPILE_MACHINE", override)
+    with pytest.raises(NdCompileError, match="bias_in_gemm"):
         machine_model()

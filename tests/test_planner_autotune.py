@@ -8,13 +8,14 @@ import pytest
 import torch
 from autotune_helpers import jobs_timed_by
 
-import ndcompile.planner.plan as plan_mod
+import ndcompile.layers.ndlinear as ndlinear_mod
 import ndcompile.planner.timed as timed_mod
 from ndcompile.cli.convert import conversion_kwargs
 from ndcompile.cli.loading import UsageError
 from ndcompile.cli.main import build_parser
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.network import TensorNetwork
+from ndcompile.ir.tiled import AUTO_WHOLE_TILES
 from ndcompile.layers.ndlinear import NdLinear
 from ndcompile.pipeline.options import ConvertOptions
 from ndcompile.planner.autotune import (
@@ -146,11 +147,13 @@ def test_inductor_mode_weighs_the_tiled_op_against_the_whole_program(
         return (1.0 if whole_wins else 3.0) if not tile else 2.0
 
     monkeypatch.setattr(timed_mod, "time_jobs", jobs_timed_by(fake_time))
+    tile = 256  # not the machine's L2-sized tile: the batch must hold more than 8
+    monkeypatch.setattr(timed_mod, "candidate_tile", lambda *args: tile)
+    monkeypatch.setattr(ndlinear_mod, "candidate_tile", lambda *args: tile)
     shapes, batch = ((8, 8, 4), (8, 8, 3)), 8192
     layer = NdLinear(*shapes, autotune="inductor", plan_batch=batch)
     choice = layer.plan_choice()
-    tile = plan_mod.candidate_tile(choice.chosen.plan.program, *shapes, 1, 4)
-    assert 0 < 2 * tile < batch, "the case must tile"
+    assert AUTO_WHOLE_TILES * tile < batch, "the case must tile"
     assert ("eager", tile) in calls and ("inductor", 0) in calls
     assert choice.chosen.whole is whole_wins
     assert choice.chosen.label.endswith(", untiled") is whole_wins

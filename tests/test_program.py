@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from einsum_programs import lower, operands
@@ -176,3 +178,36 @@ def test_broadcast_shapes_rejects_mismatch() -> None:
         broadcast_shapes((2, 3), (4, 3))
     with pytest.raises(RuntimeError, match="do not broadcast"):
         broadcast_shapes((0,), (3,))
+
+
+@pytest.mark.parametrize(("equation", "shapes"), OUT_CASES)
+def test_late_bias_is_added_once_after_the_last_matmul(equation: str, shapes) -> None:
+    ops = operands(shapes)
+    prog = dataclasses.replace(lower(equation, shapes, "optimal"), late_bias=True)
+    want = prog.run(*ops)
+    bias = torch.randn(want.shape[1:], dtype=want.dtype)
+    torch.testing.assert_close(prog.run(*ops, bias=bias), want + bias, atol=1e-12, rtol=1e-12)
+    out = torch.full_like(want, float("nan"))
+    assert prog.run(*ops, out=out, bias=bias) is out
+    torch.testing.assert_close(out, want + bias, atol=1e-12, rtol=1e-12)
+
+
+def test_late_bias_adds_in_place_unless_gradients_are_taken() -> None:
+    prog, x, factors = ndlinear_program()
+    late = dataclasses.replace(prog, late_bias=True)
+    bias = torch.randn(4, 5, dtype=torch.float64)
+    want = prog.run(x, *factors) + bias
+    gemms = ("aten::baddbmm", "aten::addmm")
+    for out in (None, torch.empty(7, 4, 5, dtype=torch.float64)):
+        ops = dispatched_ops(lambda out=out: late.run(x, *factors, out=out, bias=bias))
+        assert sum(ops[op] for op in gemms) == 0
+        assert ops["aten::add_"] == 1 and ops["aten::add"] == 0
+        got = late.run(x, *factors, out=out, bias=bias)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # Under autograd the bias stays in the GEMM (no in-place add on a recorded result).
+    trained = bias.clone().requires_grad_(True)
+    ops = dispatched_ops(lambda: late.run(x, *factors, bias=trained))
+    assert sum(ops[op] for op in gemms) == 1 and ops["aten::add_"] == 0
+    y = late.run(x, *factors, bias=trained)
+    (grad,) = torch.autograd.grad(y.sum(), [trained])
+    torch.testing.assert_close(grad, torch.full_like(bias, 7.0))

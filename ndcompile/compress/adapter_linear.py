@@ -205,6 +205,7 @@ class NdAdapterLinear(nn.Module):
             flat_input=True,
             recompute=adapter.recompute,
             tile=adapter.tile,
+            whole_tiles=adapter.whole_tiles,
             text=adapter.program_text,
         )
         return F.linear(x, self.weight, self.bias) + self.alpha * delta

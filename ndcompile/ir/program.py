@@ -164,6 +164,13 @@ def _bias_view(
     return None
 
 
+def _takes_grad(values: Sequence[Any]) -> bool:
+    """Whether autograd records ops on ``values`` (FX proxies count as recorded)."""
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return True
+    return torch.is_grad_enabled() and any(v.requires_grad for v in values)
+
+
 def _add(a: Any, b: Any, out: torch.Tensor | None) -> Any:
     """``a + b``, into ``out`` (viewed to the sum's shape) when it fits."""
     if out is not None:
@@ -183,6 +190,11 @@ class ContractionProgram:
         result: Register holding the result, in ``output`` index order.
         output: Index names of the result, in order.
         permuted_elements: Elements copied by permutes (per unit of the dynamic index).
+        late_bias: Add a whole-row bias after the result's GEMM, in place, instead of
+            folding it into the GEMM (``addmm``/``baddbmm`` first copy the broadcast
+            bias over the output). The planner sets it from the machine's measured
+            :attr:`~ndcompile.planner.machine.MachineModel.bias_in_gemm`; runs that
+            take gradients fold the bias whatever the setting (no in-place add there).
     """
 
     n_inputs: int
@@ -190,6 +202,7 @@ class ContractionProgram:
     result: int = 0
     output: tuple[str, ...] = ()
     permuted_elements: int = 0
+    late_bias: bool = False
     #: Backward schedules of :func:`ndcompile.ir.autodiff.program_vjp`, by operand
     #: shapes and flags (derived data, not part of the program).
     vjp_schedules: dict[Any, Any] = field(
@@ -214,7 +227,8 @@ class ContractionProgram:
             bias: Added to the result (broadcast against it). When it has the shape
                 of a whole result row and the result's matmul can take it (tensors
                 only), it is folded into that GEMM (``addmm``/``baddbmm``), saving a
-                pass over the result.
+                pass over the result; with ``late_bias``, runs that take no
+                gradient add it in place after the GEMM instead.
             step_biases: Biases added to the products of matmuls, by instruction
                 index, each broadcast against its product (the per-mode biases of
                 :mod:`ndcompile.ir.bias_steps`); folded into the GEMM
@@ -226,6 +240,10 @@ class ContractionProgram:
         """
         sink = self._sink() if out is not None or bias is not None else -1
         row = tuple(out.shape[1:]) if out is not None else self._row_shape(sink)
+        if self.late_bias and bias is not None and not _takes_grad((*operands, bias)):
+            sink_bias = None  # added in place once the result is written
+        else:
+            sink_bias = bias
         folded = False
         regs: dict[int, Any] = dict(enumerate(operands))
         for k, ins in enumerate(self.instructions):
@@ -235,7 +253,7 @@ class ContractionProgram:
             elif ins.op == "permute":
                 regs[ins.out] = regs[ins.srcs[0]].permute(ins.arg)
             elif ins.op == "matmul":
-                fold = bias if k == sink else None
+                fold = sink_bias if k == sink else None
                 a, b = regs[ins.srcs[0]], regs[ins.srcs[1]]
                 if step_biases is not None and k in step_biases:
                     regs[ins.out] = _matmul_plus(a, b, ins.arg, dest, step_biases[k])
@@ -263,6 +281,10 @@ class ContractionProgram:
         if bias is not None and not folded:
             out.add_(bias)
         return out
+
+    def writes_out(self) -> bool:
+        """Whether :meth:`run` writes the result straight into ``out`` (no copy into it)."""
+        return self._sink() >= 0
 
     def _row_shape(self, sink: int) -> tuple[int, ...] | None:
         """The result's row shape from the reshapes after instruction ``sink``.
@@ -303,6 +325,7 @@ class ContractionProgram:
                 "output": list(self.output),
                 "permuted_elements": self.permuted_elements,
                 "code": code,
+                **({"late_bias": True} if self.late_bias else {}),
             },
             separators=(",", ":"),
         )
@@ -321,6 +344,7 @@ class ContractionProgram:
             result=data["result"],
             output=tuple(data["output"]),
             permuted_elements=data["permuted_elements"],
+            late_bias=bool(data.get("late_bias", False)),
         )
 
     def count(self, op: str) -> int:

@@ -30,15 +30,18 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from ndcompile.ir import pages
 from ndcompile.ir.autodiff import program_vjp, register_shapes
 from ndcompile.ir.pages import empty_like_rows
 from ndcompile.ir.program import ContractionProgram
 
 __all__ = [
+    "AUTO_WHOLE_TILES",
     "PYTHON_IMPLS",
     "TILE_BUDGET_BYTES",
     "choose_tile",
     "graph_tile",
+    "pooled_result",
     "program_flops",
     "row_elements",
     "run_tiled",
@@ -48,6 +51,13 @@ __all__ = [
 
 #: Smallest tile worth a loop step (rows).
 MIN_TILE = 16
+
+#: Batches of at most this many automatic tiles run whole. Such a batch's working set
+#: (8 tiles of 4 MiB or the L2 caches) fits a server's last-level cache, where the
+#: whole program's larger GEMMs and single pass of op overhead win: on an Intel Xeon
+#: with AVX-512 the transformer's layers (768 -> 768 and 768 <-> 3072) ran 2-25%
+#: faster whole at 512-2,048 rows, 2.3 to 9 of their tiles (eager, interleaved).
+AUTO_WHOLE_TILES = 8
 
 
 def _l2_bytes() -> int:
@@ -120,18 +130,20 @@ def choose_tile(elements_per_row: int, itemsize: int, budget: int = TILE_BUDGET_
     return max(MIN_TILE, rows // 8 * 8)
 
 
-def should_tile(x: Tensor, tile: int) -> bool:
+def should_tile(x: Tensor, tile: int, whole_tiles: int = 2) -> bool:
     """Whether a contraction over the batch ``x`` (rows along dim 0) runs tiled.
 
-    Tiling pays on the CPU once the batch holds a few tiles; GPUs run whole batches
-    (their kernels need the parallelism), ``torch.export`` gets the plain ops, and
-    under autocast the plain ops take autocast's dtypes.
+    Tiling pays on the CPU once the batch holds a few tiles (more than
+    ``whole_tiles``: 2 for a tile the user fixed, :data:`AUTO_WHOLE_TILES` for an
+    automatic one); GPUs run whole batches (their kernels need the parallelism),
+    ``torch.export`` gets the plain ops, and under autocast the plain ops take
+    autocast's dtypes.
     """
     if tile <= 0 or not isinstance(x, Tensor) or x.device.type != "cpu":
         return False
     if torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"):
         return False
-    return bool(x.shape[0] > 2 * tile)
+    return bool(x.shape[0] > whole_tiles * tile)
 
 
 def graph_tile(
@@ -145,7 +157,8 @@ def graph_tile(
 
     The graph-level twin of :func:`should_tile` for the ``torch.compile`` backend,
     which decides once per captured graph from its example values: tiles pay on the
-    CPU for a floating batch of more than two tiles with static row sizes.
+    CPU for a floating batch of more than :data:`AUTO_WHOLE_TILES` tiles with static
+    row sizes.
 
     Args:
         program: The program (operand 0 is the batch, rows along dim 0).
@@ -162,7 +175,7 @@ def graph_tile(
     if not all(isinstance(d, int) for d in (*row_shape, *[d for f in factor_shapes for d in f])):
         return 0
     tile = choose_tile(row_elements(program, row_shape, factor_shapes), like.dtype.itemsize)
-    return tile if rows > 2 * tile else 0
+    return tile if rows > AUTO_WHOLE_TILES * tile else 0
 
 
 @functools.lru_cache(maxsize=256)
@@ -173,6 +186,34 @@ def _program(text: str) -> ContractionProgram:
 def _result_shape(program: ContractionProgram, x: Tensor, factors: Sequence[Tensor]) -> tuple:
     shapes = register_shapes(program, [x.shape, *[f.shape for f in factors]])
     return tuple(shapes[program.result])
+
+
+def pooled_result(
+    program: ContractionProgram, x: Tensor, factors: Sequence[Tensor], out_elements: int
+) -> Tensor | None:
+    """A buffer from the pool for the result of an untiled eager CPU run, or None.
+
+    A result of :data:`~ndcompile.ir.pages.MIN_BYTES` or more would otherwise be fresh
+    pages that the kernel zeroes on first write (as the tiled op's output would be),
+    so the untiled program writes it into a pooled buffer when its last matmul can
+    write there directly. Runs that take gradients, traced or compiled code (fake and
+    other tensor subclasses) and small results get None (a plain result).
+
+    Args:
+        program: The program run over the whole batch ``x``.
+        x: The batch (rows along dim 0).
+        factors: The other operands.
+        out_elements: Elements of one result row.
+    """
+    if type(x) is not Tensor or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if x.shape[0] * out_elements * x.element_size() < pages.MIN_BYTES:
+        return None
+    if not program.writes_out():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *factors)):
+        return None
+    return empty_like_rows(x, _result_shape(program, x, factors))
 
 
 def _forward(

@@ -19,7 +19,7 @@ from torch import Tensor
 from ndcompile.ir.autodiff import run_recomputed
 from ndcompile.ir.bias_steps import BiasStep
 from ndcompile.ir.network import NetworkPlan
-from ndcompile.ir.tiled import run_tiled, should_tile
+from ndcompile.ir.tiled import pooled_result, run_tiled, should_tile
 
 __all__ = ["ModeBiases", "apply_ndlinear", "mode_bias"]
 
@@ -118,6 +118,7 @@ def apply_ndlinear(
     lowrank: tuple[Any, Any] | None = None,
     recompute: bool = False,
     tile: int = 0,
+    whole_tiles: int = 2,
     text: str = "",
 ) -> Any:
     """The NdLinear computation on tensors or FX proxies.
@@ -141,9 +142,11 @@ def apply_ndlinear(
             its intermediates there (:mod:`ndcompile.ir.autodiff`); ignored for FX
             proxies.
         tile: Batch rows per tile of a tiled contraction (:mod:`ndcompile.ir.tiled`),
-            used on CPU tensors with more than two tiles of rows; 0 never tiles.
+            used on CPU tensors with more than ``whole_tiles`` tiles of rows; 0
+            never tiles.
             Tiled runs recompute in backward, so with ``recompute=False`` they are
             used only where no gradient is taken.
+        whole_tiles: Batches of at most this many tiles run whole.
         text: ``plan.program.to_text()`` (needed when ``tile`` is set).
 
     Returns:
@@ -152,7 +155,7 @@ def apply_ndlinear(
     if lead is None:
         lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
     rows = x.reshape((-1, *in_shape))
-    tiled = bool(text) and should_tile(rows, tile)
+    tiled = bool(text) and should_tile(rows, tile, whole_tiles)
     if tiled and not recompute:
         tiled = not _needs_grad(rows, factors)
     saved = not tiled and recompute and isinstance(rows, Tensor) and _needs_grad(rows, factors)
@@ -180,7 +183,8 @@ def apply_ndlinear(
         # step with a bias: 5.0 ms permuted, 3.0 ms row-major).
         y = run_recomputed(plan.program, rows, *factors).contiguous()
     else:
-        y = plan.program.run(rows, *factors, bias=b, step_biases=steps)
+        out = pooled_result(plan.program, rows, factors, math.prod(out_shape))
+        y = plan.program.run(rows, *factors, out=out, bias=b, step_biases=steps)
     if lowrank is not None:
         u, v = lowrank
         flat = x.reshape((-1, math.prod(in_shape)))

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ndcompile.errors import NdCompileError
 from ndcompile.ir.bias_steps import bias_steps
 from ndcompile.ir.network import NetworkPlan, TensorNetwork, check_optimizer
+from ndcompile.ir.tiled import AUTO_WHOLE_TILES
 from ndcompile.layers.construction import (
     BiasKind,
     check_layer_arguments,
@@ -67,7 +68,8 @@ class NdLinear(nn.Module):
             cheap leading steps per backward). False saves every intermediate.
         tile: Batch rows per tile when the layer runs on the CPU tile by tile
             (:mod:`ndcompile.ir.tiled`): ``"auto"`` (default) sizes tiles to the L2
-            caches, an int fixes it, 0 never tiles. Batches of at most two tiles run
+            caches, an int fixes it, 0 never tiles. Batches of at most two fixed
+            tiles (:data:`~ndcompile.ir.tiled.AUTO_WHOLE_TILES` automatic ones) run
             whole.
         device: Parameter device.
         dtype: Parameter dtype.
@@ -245,6 +247,11 @@ class NdLinear(nn.Module):
             self._plan.program, self.in_shape, self.out_shape, self.rank, itemsize
         )
 
+    @property
+    def whole_tiles(self) -> int:
+        """Batches of at most this many tiles run whole (more for automatic tiles)."""
+        return AUTO_WHOLE_TILES if self.tile_setting == "auto" else 2
+
     def _apply(self, fn: Any, recurse: bool = True) -> NdLinear:
         # .to(dtype) changes the bytes per element: size automatic tiles again.
         out = super()._apply(fn, recurse)
@@ -315,6 +322,7 @@ class NdLinear(nn.Module):
             lowrank=self.lowrank_operands(),
             recompute=self.recompute,
             tile=self.tile,
+            whole_tiles=self.whole_tiles,
             text=self.program_text,
         )
 

@@ -2,14 +2,17 @@
 
 The cost model needs three numbers per device: sustained matmul throughput
 (GFLOP/s of a mid-size matmul), memory bandwidth (GB/s of a large copy) and the
-fixed overhead of one eager op (µs). :func:`machine_model` measures them once
-(about a second), caches them under the user's cache directory keyed by device,
-thread count and torch version, and honours overrides.
+fixed overhead of one eager op (µs). One execution choice is measured with them
+(:mod:`ndcompile.planner.calibrate`): whether a bias is folded into its GEMM.
+:func:`machine_model` measures them once (about a second), caches them under the
+user's cache directory keyed by device, thread count and torch version, and honours
+overrides.
 
 Overrides, in order: the ``NDCOMPILE_MACHINE`` environment variable (a JSON object,
-e.g. ``{"matmul_gflops": 150, "bandwidth_gbs": 12, "op_overhead_us": 6}``), then the
-cache file. ``NDCOMPILE_CACHE_DIR`` moves the cache (default
-``$XDG_CACHE_HOME/ndcompile`` or ``~/.cache/ndcompile``).
+e.g. ``{"matmul_gflops": 150, "bandwidth_gbs": 12, "op_overhead_us": 6}``, optionally
+with ``"bias_in_gemm": false``; true when left out), then the cache file.
+``NDCOMPILE_CACHE_DIR`` moves the cache (default ``$XDG_CACHE_HOME/ndcompile`` or
+``~/.cache/ndcompile``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from ndcompile.errors import NdCompileError
 from ndcompile.planner.cache import JsonCache, cache_dir
+from ndcompile.planner.calibrate import bias_in_gemm
 
 __all__ = ["MachineModel", "cache_dir", "machine_cache", "machine_model", "measure"]
 
@@ -38,12 +42,15 @@ class MachineModel:
         bandwidth_gbs: GB/s of a large tensor copy (read + write counted).
         op_overhead_us: Fixed cost of launching one op, in microseconds.
         device: Device the numbers were measured on.
+        bias_in_gemm: Fold a layer's bias into its last GEMM, else add it in place
+            after the GEMM where no gradient is taken (measured on CPUs).
     """
 
     matmul_gflops: float
     bandwidth_gbs: float
     op_overhead_us: float
     device: str = "cpu"
+    bias_in_gemm: bool = True
 
     def key(self) -> str:
         """A short identifier for cache keys."""
@@ -93,6 +100,7 @@ def measure(device: str = "cpu") -> MachineModel:
         bandwidth_gbs=2 * big.numel() * 4 / t_copy / 1e9,
         op_overhead_us=t_op * 1e6,
         device=dev.type,
+        bias_in_gemm=bias_in_gemm(dev.type),
     )
 
 
@@ -100,11 +108,14 @@ _MEMO: dict[str, MachineModel] = {}
 
 _FIELDS = ("matmul_gflops", "bandwidth_gbs", "op_overhead_us")
 
+#: The measured execution choice (a boolean).
+_CHOICE = "bias_in_gemm"
 
-def _model(values: list[Any], device: str) -> MachineModel:
-    """A :class:`MachineModel` from the ``_FIELDS`` values, in that order."""
+
+def _model(values: list[Any], device: str, fold: bool) -> MachineModel:
+    """A :class:`MachineModel` from the ``_FIELDS`` values, in that order, and the choice."""
     matmul_gflops, bandwidth_gbs, op_overhead_us = (float(v) for v in values)
-    return MachineModel(matmul_gflops, bandwidth_gbs, op_overhead_us, device)
+    return MachineModel(matmul_gflops, bandwidth_gbs, op_overhead_us, device, fold)
 
 
 def _positive_number(value: Any) -> bool:
@@ -120,6 +131,8 @@ def _valid_field(name: str, value: Any) -> bool:
     """Whether ``name: value`` may appear in a machine cache file."""
     if name == "device":
         return isinstance(value, str) and bool(value)
+    if name == _CHOICE:
+        return isinstance(value, bool)
     return name in _FIELDS and _positive_number(value)
 
 
@@ -135,11 +148,15 @@ def _from_override(env: str, device: str) -> MachineModel:
         values = [data[name] for name in _FIELDS]
         if not all(_positive_number(v) for v in values):
             raise ValueError("not positive numbers")
-        return _model(values, str(data.get("device", device)))
+        fold = data.get(_CHOICE, True)
+        if not isinstance(fold, bool):
+            raise ValueError("bias_in_gemm is not a boolean")
+        return _model(values, str(data.get("device", device)), fold)
     except (ValueError, KeyError, TypeError) as exc:
         raise NdCompileError(
             f"NDCOMPILE_MACHINE={env!r} is not a JSON object with matmul_gflops, "
-            "bandwidth_gbs and op_overhead_us (positive numbers)",
+            "bandwidth_gbs and op_overhead_us (positive numbers), and optionally "
+            "bias_in_gemm (a boolean)",
         ) from exc
 
 
@@ -166,7 +183,11 @@ def machine_model(device: str = "cpu", *, refresh: bool = False) -> MachineModel
         data = cache.load()
         missing = [name for name in (*_FIELDS, "device") if name not in data]
         if not missing:
-            model = _model([data[name] for name in _FIELDS], data["device"])
+            fold = data.get(_CHOICE)
+            if fold is None:  # a cache written before the choice was measured
+                fold = bias_in_gemm(data["device"])
+                cache.update({_CHOICE: fold})
+            model = _model([data[name] for name in _FIELDS], data["device"], fold)
             _MEMO[key] = model
             return model
         if data:

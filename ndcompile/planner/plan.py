@@ -336,6 +336,12 @@ def _candidates(problem: _Problem) -> list[Candidate]:
     return cands
 
 
+def _late_bias(cand: Candidate) -> Candidate:
+    """``cand`` with its program adding the bias after its last GEMM (the machine's choice)."""
+    program = dataclasses.replace(cand.plan.program, late_bias=True)
+    return dataclasses.replace(cand, plan=dataclasses.replace(cand.plan, program=program))
+
+
 def _timing_operands(
     in_shape: Sequence[int],
     out_shape: Sequence[int],
@@ -407,6 +413,8 @@ def plan_ndlinear(
     cands = _candidates(
         _Problem(tn, tuple(in_shape), tuple(out_shape), rank, batch, optimizer, model, itemsize)
     )
+    if not model.bias_in_gemm:
+        cands = [_late_bias(c) for c in cands]
     if mode == "off":
         return PlanChoice(cands[0], cands)
     # Whatever their estimates, autotune also times the reference NdLinear's own
