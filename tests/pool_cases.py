@@ -156,3 +156,19 @@ def test_shared_memory_is_never_reused(small_buffers) -> None:
     del a
     assert pages.empty_like_rows(like, (small_buffers,)).data_ptr() != ptr
     assert pages.pooled_bytes() == (0, small_buffers * 4)  # the shared one was dropped
+
+
+def test_untiled_layer_results_are_reused_only_once_dropped(small_buffers) -> None:
+    layer = NdLinear((6, 8), (4, 5), dtype=torch.float64, tile=0)
+    x = torch.randn(200, 6, 8, dtype=torch.float64)  # a 64 KB result
+    with torch.no_grad():
+        ref = layer(x).clone()
+        first = layer(x)
+        address = first.data_ptr()
+        second = layer(x)  # the first result is still held: a new buffer
+        assert second.data_ptr() != address
+        del first
+        third = layer(x)  # the first result's buffer, free again
+    assert third.data_ptr() == address
+    torch.testing.assert_close(second, ref, rtol=0, atol=0)
+    torch.testing.assert_close(third, ref, rtol=0, atol=0)

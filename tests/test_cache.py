@@ -51,6 +51,7 @@ def fresh_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.delenv("NDCOMPILE_MACHINE", raising=False)
     monkeypatch.setattr(machine, "_MEMO", {})
     monkeypatch.setattr(machine, "measure", lambda device="cpu": calls.append(device) or MEASURED)
+    monkeypatch.setattr(machine, "_matmul_gflops", lambda dev, reps: 1.0)  # never stale
     return calls
 
 
@@ -251,3 +252,29 @@ def test_override_with_a_non_boolean_bias_choice_is_an_error(
     monkeypatch.setenv("NDCOMPILE_MACHINE", override)
     with pytest.raises(NdCompileError, match="bias_in_gemm"):
         machine_model()
+
+
+@pytest.mark.parametrize(("quick", "stale"), [(159.0, False), (161.0, True)])
+def test_constants_measured_under_load_are_measured_again(
+    fresh_machine: list[str], monkeypatch: pytest.MonkeyPatch, quick: float, stale: bool
+) -> None:
+    path = machine_cache().path
+    loaded = {"matmul_gflops": 80.0, "bandwidth_gbs": 12.0, "op_overhead_us": 2.0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**loaded, "device": "cpu", "bias_in_gemm": True}))
+    fresh = MachineModel(150.0, 9.0, 4.0, "cpu", bias_in_gemm=False)
+    monkeypatch.setattr(
+        machine, "measure", lambda device="cpu": fresh_machine.append(device) or fresh
+    )
+    monkeypatch.setattr(machine, "_matmul_gflops", lambda dev, reps: quick)
+    model = machine_model()
+    if not stale:  # within a factor of two of the cache: used as is
+        assert model == MachineModel(80.0, 12.0, 2.0, "cpu") and fresh_machine == []
+        return
+    # Each constant keeps the better of its two measurements; the choice is the new one.
+    assert model == MachineModel(150.0, 12.0, 2.0, "cpu", bias_in_gemm=False)
+    assert fresh_machine == ["cpu"]
+    assert MachineModel(**json.loads(path.read_text())) == model
+    machine._MEMO.clear()
+    monkeypatch.setattr(machine, "_matmul_gflops", lambda dev, reps: 200.0)  # within 2x now
+    assert machine_model() == model and fresh_machine == ["cpu"]

@@ -169,6 +169,7 @@ def test_machine_model_is_cached_on_disk(tmp_path, monkeypatch) -> None:  # type
     monkeypatch.delenv("NDCOMPILE_MACHINE", raising=False)
     measured = MachineModel(50.0, 5.0, 2.0, "cpu")
     monkeypatch.setattr("ndcompile.planner.machine.measure", lambda device="cpu": measured)
+    monkeypatch.setattr("ndcompile.planner.machine._matmul_gflops", lambda dev, reps: 50.0)
     monkeypatch.setattr("ndcompile.planner.machine._MEMO", {})
     assert machine_model() == measured
     assert list(tmp_path.glob("machine-*.json"))

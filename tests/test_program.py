@@ -211,3 +211,12 @@ def test_late_bias_adds_in_place_unless_gradients_are_taken() -> None:
     y = late.run(x, *factors, bias=trained)
     (grad,) = torch.autograd.grad(y.sum(), [trained])
     torch.testing.assert_close(grad, torch.full_like(bias, 7.0))
+
+
+def test_late_bias_folds_off_the_cpu() -> None:
+    prog, x, factors = ndlinear_program()
+    late = dataclasses.replace(prog, late_bias=True)
+    meta = [t.to("meta") for t in (x, *factors)]
+    bias = torch.randn(4, 5, dtype=torch.float64, device="meta")
+    ops = dispatched_ops(lambda: late.run(*meta, bias=bias))
+    assert ops["aten::baddbmm"] + ops["aten::addmm"] == 1 and ops["aten::add_"] == 0

@@ -164,11 +164,16 @@ def _bias_view(
     return None
 
 
-def _takes_grad(values: Sequence[Any]) -> bool:
-    """Whether autograd records ops on ``values`` (FX proxies count as recorded)."""
-    if not all(isinstance(v, torch.Tensor) for v in values):
-        return True
-    return torch.is_grad_enabled() and any(v.requires_grad for v in values)
+def _late_add(bias: Any, operands: Sequence[Any]) -> bool:
+    """Whether ``bias`` may be added in place after the GEMM instead of folded into it.
+
+    Only for CPU tensors (the only device the choice is measured on) that autograd
+    does not record (FX proxies and gradients keep the fold).
+    """
+    values = (*operands, bias)
+    if not all(isinstance(v, torch.Tensor) for v in values) or bias.device.type != "cpu":
+        return False
+    return not (torch.is_grad_enabled() and any(v.requires_grad for v in values))
 
 
 def _add(a: Any, b: Any, out: torch.Tensor | None) -> Any:
@@ -194,7 +199,7 @@ class ContractionProgram:
             folding it into the GEMM (``addmm``/``baddbmm`` first copy the broadcast
             bias over the output). The planner sets it from the machine's measured
             :attr:`~ndcompile.planner.machine.MachineModel.bias_in_gemm`; runs that
-            take gradients fold the bias whatever the setting (no in-place add there).
+            take gradients and runs off the CPU fold the bias whatever the setting.
     """
 
     n_inputs: int
@@ -240,10 +245,9 @@ class ContractionProgram:
         """
         sink = self._sink() if out is not None or bias is not None else -1
         row = tuple(out.shape[1:]) if out is not None else self._row_shape(sink)
-        if self.late_bias and bias is not None and not _takes_grad((*operands, bias)):
-            sink_bias = None  # added in place once the result is written
-        else:
-            sink_bias = bias
+        # A late bias is added in place once the result is written.
+        late = self.late_bias and _late_add(bias, operands)
+        sink_bias = None if late else bias
         folded = False
         regs: dict[int, Any] = dict(enumerate(operands))
         for k, ins in enumerate(self.instructions):

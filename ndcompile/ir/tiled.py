@@ -55,7 +55,7 @@ MIN_TILE = 16
 #: Batches of at most this many automatic tiles run whole. Such a batch's working set
 #: (8 tiles of 4 MiB or the L2 caches) fits a server's last-level cache, where the
 #: whole program's larger GEMMs and single pass of op overhead win: on an Intel Xeon
-#: with AVX-512 the transformer's layers (768 -> 768 and 768 <-> 3072) ran 2-25%
+#: with AVX-512 the transformer's layers (768 -> 768 and 768 <-> 3072) ran 2-33%
 #: faster whole at 512-2,048 rows, 2.3 to 9 of their tiles (eager, interleaved).
 AUTO_WHOLE_TILES = 8
 
