@@ -119,7 +119,7 @@ def measure(device: str = "cpu") -> MachineModel:
 _MEMO: dict[str, MachineModel] = {}
 
 #: A cached matmul rate this many times below a quick check was measured under load.
-STALE_FACTOR = 2.0
+STALE_FACTOR = 1.5
 
 _FIELDS = ("matmul_gflops", "bandwidth_gbs", "op_overhead_us")
 
@@ -184,15 +184,16 @@ def _unless_stale(model: MachineModel, cache: JsonCache) -> MachineModel:
     once per process by three 512x512 matmuls (a few milliseconds): when they run
     :data:`STALE_FACTOR` times faster than the cache says, everything is measured
     again, each constant keeps the better of its two measurements (load only ever
-    slows a run down), the bias choice takes the new measurement's, and the cache is
-    rewritten.
+    slows a run down), the bias choice follows the measurement made on the quieter
+    machine (the faster matmuls), and the cache is rewritten. Repeated, this
+    converges on the unloaded machine's constants.
     """
     quick = _matmul_gflops(torch.device(model.device), 3)
     if quick < STALE_FACTOR * model.matmul_gflops:
         return model
     fresh = measure(model.device)
     best = dataclasses.replace(
-        fresh,
+        fresh if fresh.matmul_gflops > model.matmul_gflops else model,
         matmul_gflops=max(model.matmul_gflops, fresh.matmul_gflops),
         bandwidth_gbs=max(model.bandwidth_gbs, fresh.bandwidth_gbs),
         op_overhead_us=min(model.op_overhead_us, fresh.op_overhead_us),
