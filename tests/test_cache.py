@@ -201,13 +201,19 @@ def test_unusable_override_is_an_error(monkeypatch: pytest.MonkeyPatch, override
         machine_model()
 
 
+def write_machine_cache(entries: dict[str, object]) -> Path:
+    """Write ``entries`` as the machine cache file (JSON); return its path."""
+    path = machine_cache().path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries))
+    return path
+
+
 def test_a_cache_from_before_the_bias_choice_gets_it_measured_once(
     fresh_machine: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = machine_cache().path
     old = {"matmul_gflops": 80.0, "bandwidth_gbs": 9.0, "op_overhead_us": 4.0, "device": "cpu"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(old))
+    path = write_machine_cache(old)
     timed: list[str] = []
     monkeypatch.setattr(machine, "bias_in_gemm", lambda device: timed.append(device) or False)
     with warnings.catch_warnings():
@@ -223,10 +229,8 @@ def test_a_cache_from_before_the_bias_choice_gets_it_measured_once(
 def test_a_cache_with_a_bad_bias_choice_is_warned_about_and_measured(
     fresh_machine: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = machine_cache().path
     good = {"matmul_gflops": 80.0, "bandwidth_gbs": 9.0, "op_overhead_us": 4.0, "device": "cpu"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**good, "bias_in_gemm": "yes"}))
+    path = write_machine_cache({**good, "bias_in_gemm": "yes"})
     monkeypatch.setattr(machine, "bias_in_gemm", lambda device: True)
     with pytest.warns(CacheWarning, match="bias_in_gemm"):
         assert machine_model().bias_in_gemm is True
@@ -273,10 +277,8 @@ def test_constants_measured_under_load_are_measured_again(
     measured: tuple[float, bool] | None,
     want: MachineModel,
 ) -> None:
-    path = machine_cache().path
     loaded = {"matmul_gflops": 80.0, "bandwidth_gbs": 12.0, "op_overhead_us": 2.0}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**loaded, "device": "cpu", "bias_in_gemm": True}))
+    path = write_machine_cache({**loaded, "device": "cpu", "bias_in_gemm": True})
     gflops, fold = measured or (0.0, True)
     fresh = MachineModel(gflops, 9.0, 4.0, "cpu", bias_in_gemm=fold)
     monkeypatch.setattr(
