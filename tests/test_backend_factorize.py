@@ -84,8 +84,11 @@ def test_small_batches_and_factorize_tiling(monkeypatch) -> None:
     monkeypatch.setattr(tiled, "choose_tile", lambda *args, **kwargs: 16)
     model = ndlinear.NdLinear((4, 6, 3), (5, 2, 3))
     x = torch.randn(16 * tiled.AUTO_WHOLE_TILES, 4, 6, 3)  # few tiles: untiled
-    (gm, inputs), *_ = capture(model, x)
-    assert tiled_calls(rewrite_dynamo_graph(gm, inputs)[0]) == 0
+    with torch.no_grad():
+        (gm, inputs), *_ = capture(model, x)
+        assert tiled_calls(rewrite_dynamo_graph(gm, inputs)[0]) == 0
+    (gm, inputs), *_ = capture(model, x)  # captured for training: more than two tiles
+    assert tiled_calls(rewrite_dynamo_graph(gm, inputs)[0]) == 1
     dense = nn.Sequential(_kronecker_linear(2)).eval()
     x = torch.randn(16 * tiled.AUTO_WHOLE_TILES + 40, 48)
     with torch.no_grad():

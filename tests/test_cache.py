@@ -31,6 +31,8 @@ CORRUPT = [
     ("missing", json.dumps({"matmul_gflops": 5})),
     ("bad-device", json.dumps({"matmul_gflops": 5, "bandwidth_gbs": 9, "op_overhead_us": 4,
                                "device": 3})),
+    ("unknown-device", json.dumps({"matmul_gflops": 5, "bandwidth_gbs": 9, "op_overhead_us": 4,
+                                   "device": "xla0", "bias_in_gemm": True})),
     ("folder", "<folder>"),
 ]  # fmt: skip
 
@@ -266,8 +268,9 @@ def test_override_with_a_non_boolean_bias_choice_is_an_error(
         # Measured again: each constant keeps its better value, the bias choice comes
         # from the measurement with the faster matmuls (the quieter machine) ...
         (121.0, (150.0, False), MachineModel(150.0, 12.0, 2.0, "cpu", bias_in_gemm=False)),
-        # ... which may be the cached one, when the new measurement was loaded too.
-        (121.0, (60.0, False), MachineModel(80.0, 12.0, 2.0, "cpu", bias_in_gemm=True)),
+        # ... which may be the cached one, when the new measurement was loaded too;
+        # the quick check's own rate counts among the matmul rates.
+        (121.0, (60.0, False), MachineModel(121.0, 12.0, 2.0, "cpu", bias_in_gemm=True)),
     ],
 )
 def test_constants_measured_under_load_are_measured_again(

@@ -141,3 +141,31 @@ def test_untiled_results_come_from_the_pool(small_buffers) -> None:
     assert trained.requires_grad and pages.pooled_bytes()[0] == pooled.numel() * 8
     for got, want in ((pooled, ref), (small, ref[:20]), (trained.detach(), ref)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, "modes"])
+def test_a_trainable_bias_on_frozen_factors_gets_a_plain_result(small_buffers, bias) -> None:
+    layer = NdLinear((6, 8), (4, 5), bias=bias, dtype=torch.float64, tile=0)
+    for f in layer.factors:
+        f.requires_grad_(False)
+    x = torch.randn(200, 6, 8, dtype=torch.float64)
+    y = layer(x)  # out= ops have no autograd: this run must not write into the pool
+    y.square().sum().backward()
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert pages.pooled_bytes() == (0, 0)
+
+
+def test_autocast_vmap_and_tracing_get_plain_results(small_buffers) -> None:
+    layer = NdLinear((6, 8), (4, 5), dtype=torch.float32, tile=0)
+    x = torch.randn(200, 6, 8)
+    with torch.no_grad():
+        want = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        mapped = torch.func.vmap(layer)(torch.stack([x, 2 * x]))
+        traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(mapped[0], want)
+    graph = str(traced.graph)
+    assert "set_" not in graph
+    torch.testing.assert_close(traced(x), want)

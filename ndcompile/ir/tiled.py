@@ -139,11 +139,16 @@ def should_tile(x: Tensor, tile: int, whole_tiles: int = 2) -> bool:
     ``torch.export`` gets the plain ops, and under autocast the plain ops take
     autocast's dtypes.
     """
-    if tile <= 0 or not isinstance(x, Tensor) or x.device.type != "cpu":
-        return False
-    if torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"):
+    if tile <= 0 or not _eager_cpu(x):
         return False
     return bool(x.shape[0] > whole_tiles * tile)
+
+
+def _eager_cpu(x: Any) -> bool:
+    """Whether ``x`` is a CPU tensor whose ops run as written: not exported, no autocast."""
+    if not isinstance(x, Tensor) or x.device.type != "cpu":
+        return False
+    return not (torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"))
 
 
 def graph_tile(
@@ -158,7 +163,7 @@ def graph_tile(
     The graph-level twin of :func:`should_tile` for the ``torch.compile`` backend,
     which decides once per captured graph from its example values: tiles pay on the
     CPU for a floating batch of more than :data:`AUTO_WHOLE_TILES` tiles with static
-    row sizes.
+    row sizes (more than two in a graph captured with gradients enabled).
 
     Args:
         program: The program (operand 0 is the batch, rows along dim 0).
@@ -175,7 +180,10 @@ def graph_tile(
     if not all(isinstance(d, int) for d in (*row_shape, *[d for f in factor_shapes for d in f])):
         return 0
     tile = choose_tile(row_elements(program, row_shape, factor_shapes), like.dtype.itemsize)
-    return tile if rows > AUTO_WHOLE_TILES * tile else 0
+    # Dynamo guards on the grad mode: a graph captured for training gets the training
+    # rule (more than two tiles: tiled, bounding the recomputed intermediates).
+    whole = 2 if torch.is_grad_enabled() else AUTO_WHOLE_TILES
+    return tile if rows > whole * tile else 0
 
 
 @functools.lru_cache(maxsize=256)
@@ -189,29 +197,40 @@ def _result_shape(program: ContractionProgram, x: Tensor, factors: Sequence[Tens
 
 
 def pooled_result(
-    program: ContractionProgram, x: Tensor, factors: Sequence[Tensor], out_elements: int
+    program: ContractionProgram,
+    x: Tensor,
+    factors: Sequence[Tensor],
+    out_elements: int,
+    biases: Sequence[Tensor] = (),
 ) -> Tensor | None:
     """A buffer from the pool for the result of an untiled eager CPU run, or None.
 
     A result of :data:`~ndcompile.ir.pages.MIN_BYTES` or more would otherwise be fresh
     pages that the kernel zeroes on first write (as the tiled op's output would be),
     so the untiled program writes it into a pooled buffer when its last matmul can
-    write there directly. Runs that take gradients, traced or compiled code (fake and
-    other tensor subclasses) and small results get None (a plain result).
+    write there directly. Small results, runs that record gradients (``out=`` ops
+    have no autograd), autocast, and traced, vmapped, exported or compiled code get
+    None: a plain result.
 
     Args:
         program: The program run over the whole batch ``x``.
         x: The batch (rows along dim 0).
-        factors: The other operands.
+        factors: The program's other operands.
         out_elements: Elements of one result row.
+        biases: Tensors added into the result (full or per-mode biases).
+
+    Returns:
+        A contiguous tensor of the program's result shape, or None.
     """
-    if type(x) is not Tensor or x.device.type != "cpu" or torch.compiler.is_compiling():
+    if type(x) is not Tensor or not _eager_cpu(x) or torch.compiler.is_compiling():
+        return None
+    if torch.jit.is_tracing() or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return None
     if x.shape[0] * out_elements * x.element_size() < pages.MIN_BYTES:
         return None
     if not program.writes_out():
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *factors)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *factors, *biases)):
         return None
     return empty_like_rows(x, _result_shape(program, x, factors))
 

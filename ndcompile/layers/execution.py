@@ -146,7 +146,8 @@ def apply_ndlinear(
             never tiles.
             Tiled runs recompute in backward, so with ``recompute=False`` they are
             used only where no gradient is taken.
-        whole_tiles: Batches of at most this many tiles run whole.
+        whole_tiles: Batches of at most this many tiles run whole where no gradient
+            is taken (two where one is).
         text: ``plan.program.to_text()`` (needed when ``tile`` is set).
 
     Returns:
@@ -155,10 +156,13 @@ def apply_ndlinear(
     if lead is None:
         lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
     rows = x.reshape((-1, *in_shape))
-    tiled = bool(text) and should_tile(rows, tile, whole_tiles)
+    grad = isinstance(rows, Tensor) and _needs_grad(rows, factors)
+    # Training tiles batches of more than two tiles whatever ``whole_tiles`` says: a
+    # whole-batch recompute holds the whole batch's intermediates at once.
+    tiled = bool(text) and should_tile(rows, tile, 2 if grad else whole_tiles)
     if tiled and not recompute:
-        tiled = not _needs_grad(rows, factors)
-    saved = not tiled and recompute and isinstance(rows, Tensor) and _needs_grad(rows, factors)
+        tiled = not grad
+    saved = not tiled and recompute and grad
     steps = None
     if isinstance(bias, ModeBiases):
         # Eagerly, the GEMMs take the biases and the full bias's small ops (a few
@@ -183,7 +187,8 @@ def apply_ndlinear(
         # step with a bias: 5.0 ms permuted, 3.0 ms row-major).
         y = run_recomputed(plan.program, rows, *factors).contiguous()
     else:
-        out = pooled_result(plan.program, rows, factors, math.prod(out_shape))
+        added = [t for t in (b, *(steps or {}).values()) if isinstance(t, Tensor)]
+        out = pooled_result(plan.program, rows, factors, math.prod(out_shape), added)
         y = plan.program.run(rows, *factors, out=out, bias=b, step_biases=steps)
     if lowrank is not None:
         u, v = lowrank

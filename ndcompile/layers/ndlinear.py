@@ -68,9 +68,9 @@ class NdLinear(nn.Module):
             cheap leading steps per backward). False saves every intermediate.
         tile: Batch rows per tile when the layer runs on the CPU tile by tile
             (:mod:`ndcompile.ir.tiled`): ``"auto"`` (default) sizes tiles to the L2
-            caches, an int fixes it, 0 never tiles. Batches of at most two fixed
-            tiles (:data:`~ndcompile.ir.tiled.AUTO_WHOLE_TILES` automatic ones) run
-            whole.
+            caches, an int fixes it, 0 never tiles. Batches of at most two tiles
+            run whole; without gradients, up to
+            :data:`~ndcompile.ir.tiled.AUTO_WHOLE_TILES` automatic ones do.
         device: Parameter device.
         dtype: Parameter dtype.
 
@@ -249,7 +249,12 @@ class NdLinear(nn.Module):
 
     @property
     def whole_tiles(self) -> int:
-        """Batches of at most this many tiles run whole (more for automatic tiles)."""
+        """Batches of at most this many tiles run whole where no gradient is taken.
+
+        :data:`~ndcompile.ir.tiled.AUTO_WHOLE_TILES` for automatic tiles, two for a
+        fixed tile (``tile_setting``; setting ``tile`` alone keeps the rule of the
+        setting). Training tiles more than two tiles either way.
+        """
         return AUTO_WHOLE_TILES if self.tile_setting == "auto" else 2
 
     def _apply(self, fn: Any, recurse: bool = True) -> NdLinear:

@@ -5,14 +5,15 @@ over the whole output and then accumulating the product onto it. A plain GEMM
 followed by an in-place add writes the output first and adds the bias while the
 rows are still in cache. Which is faster depends on the machine's BLAS and memory:
 on the AMD EPYC where folding was introduced it made a 256-row MLP layer about 6%
-faster; on two Intel Xeons the in-place add made the MLP layer's last GEMM 3-18%
-faster at 1,024 rows, and was even at 224.
+faster; on two Intel Xeons the in-place add made the MLP layer's last GEMM 3-22%
+faster at 1,024 rows (by how much varied with the host's load), and within 5% either
+way at 224.
 
 :func:`bias_in_gemm` times both on that GEMM -- the transformer MLP's up-projection
 768 -> 3072 as ``(24, 32) -> (48, 64)``, whose last step is a batched ``(48, 24) @
 (24, 64)`` -- at a tile's 224 rows and at 1,024, and folds unless the add is faster
-at 1,024 rows by :data:`MARGIN` and no slower at 224. :mod:`ndcompile.planner.machine`
-caches the answer with the cost model's constants.
+at 1,024 rows by :data:`MARGIN` and slower at 224 by less than :data:`MARGIN`.
+:mod:`ndcompile.planner.machine` caches the answer with the cost model's constants.
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ def _best_time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def _sync(dev: torch.device) -> Callable[[], None]:
+    """A function that waits for ``dev``'s queued work (a no-op off CUDA)."""
     return torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
 
@@ -142,10 +143,19 @@ def _positive_number(value: Any) -> bool:
     )
 
 
+def _device_type(name: str) -> bool:
+    """Whether ``name`` is a device torch can parse (``"cpu"``, ``"cuda"``, ...)."""
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _valid_field(name: str, value: Any) -> bool:
     """Whether ``name: value`` may appear in a machine cache file."""
     if name == "device":
-        return isinstance(value, str) and bool(value)
+        return isinstance(value, str) and bool(value) and _device_type(value)
     if name == _CHOICE:
         return isinstance(value, bool)
     return name in _FIELDS and _positive_number(value)
@@ -183,10 +193,10 @@ def _unless_stale(model: MachineModel, cache: JsonCache) -> MachineModel:
     its matmuls at 320 GFLOP/s and copies at 23 GB/s). So a cached model is checked
     once per process by three 512x512 matmuls (a few milliseconds): when they run
     :data:`STALE_FACTOR` times faster than the cache says, everything is measured
-    again, each constant keeps the better of its two measurements (load only ever
-    slows a run down), the bias choice follows the measurement made on the quieter
-    machine (the faster matmuls), and the cache is rewritten. Repeated, this
-    converges on the unloaded machine's constants.
+    again, each constant keeps the better of its measurements (the quick check's
+    rate among them; load only ever slows a run down), the bias choice follows the
+    measurement made on the quieter machine (the faster matmuls), and the cache is
+    rewritten. Repeated, this converges on the unloaded machine's constants.
     """
     quick = _matmul_gflops(torch.device(model.device), 3)
     if quick < STALE_FACTOR * model.matmul_gflops:
@@ -194,7 +204,7 @@ def _unless_stale(model: MachineModel, cache: JsonCache) -> MachineModel:
     fresh = measure(model.device)
     best = dataclasses.replace(
         fresh if fresh.matmul_gflops > model.matmul_gflops else model,
-        matmul_gflops=max(model.matmul_gflops, fresh.matmul_gflops),
+        matmul_gflops=max(model.matmul_gflops, fresh.matmul_gflops, quick),
         bandwidth_gbs=max(model.bandwidth_gbs, fresh.bandwidth_gbs),
         op_overhead_us=min(model.op_overhead_us, fresh.op_overhead_us),
     )

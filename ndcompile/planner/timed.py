@@ -71,18 +71,19 @@ def _jobs(
 ) -> list[tuple[int, Job]]:
     """Each candidate's whole program, and its tiled op where the layer may run that.
 
-    A CPU batch of more than :data:`AUTO_WHOLE_TILES` tiles runs the tiled op (whose
-    tiles run eagerly, under inductor too); the whole program, compiled or not, is a
-    choice too. So is a recomputing training step: the tiled op recomputes each tile
-    in backward, the whole program the whole batch at once. A layer saving its
-    intermediates never tiles a step.
+    A CPU batch of more than :data:`AUTO_WHOLE_TILES` tiles (two in training) runs
+    the tiled op (whose tiles run eagerly, under inductor too); the whole program,
+    compiled or not, is a choice too. So is a recomputing training step: the tiled op
+    recomputes each tile in backward, the whole program the whole batch at once. A
+    layer saving its intermediates never tiles a step.
     """
     tiles = recompute or not tuning.is_training(mode)
+    whole = 2 if tuning.is_training(mode) else AUTO_WHOLE_TILES  # as the layer runs
     jobs: list[tuple[int, Job]] = []
     for k, cand in enumerate(cands):
         jobs.append((k, (cand, mode, 0)))
         tile = candidate_tile(cand.plan.program, *shapes) if tiles else 0
-        if tile and should_tile(batch, tile, AUTO_WHOLE_TILES):
+        if tile and should_tile(batch, tile, whole):
             jobs.append((k, (cand, tuning.eager_mode(mode), tile)))
     return jobs
 
