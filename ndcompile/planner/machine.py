@@ -120,7 +120,7 @@ def measure(device: str = "cpu") -> MachineModel:
 _MEMO: dict[str, MachineModel] = {}
 
 #: A cached matmul rate this many times below a quick check was measured under load.
-STALE_FACTOR = 1.5
+STALE_FACTOR = 1.25
 
 _FIELDS = ("matmul_gflops", "bandwidth_gbs", "op_overhead_us")
 
