@@ -291,3 +291,13 @@ def test_constants_measured_under_load_are_measured_again(
     assert machine_model() == want
     assert fresh_machine == ([] if measured is None else ["cpu"])
     assert MachineModel(**json.loads(path.read_text())) == want
+
+
+def test_measuring_leaves_the_global_random_stream_alone() -> None:
+    import torch
+
+    state = torch.random.get_rng_state()
+    machine._matmul_gflops(torch.device("cpu"), 2)  # the check every process makes
+    model = machine.measure()
+    assert model.matmul_gflops > 0 and isinstance(model.bias_in_gemm, bool)
+    assert torch.equal(torch.random.get_rng_state(), state)

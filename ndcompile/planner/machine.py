@@ -76,10 +76,14 @@ def _sync(dev: torch.device) -> Callable[[], None]:
 
 
 def _matmul_gflops(dev: torch.device, reps: int) -> float:
-    """GFLOP/s of the fastest of ``reps`` 512x512 float32 matmuls on ``dev``."""
+    """GFLOP/s of the fastest of ``reps`` 512x512 float32 matmuls on ``dev``.
+
+    The operands are constants, not random: measuring must leave the caller's random
+    stream alone (a converted model's fresh weights come from it).
+    """
     n = 512
-    a = torch.randn(n, n, device=dev)
-    b = torch.randn(n, n, device=dev)
+    a = torch.full((n, n), 0.5, device=dev)
+    b = torch.full((n, n), 0.25, device=dev)
     sync = _sync(dev)
 
     def mm() -> None:
@@ -94,14 +98,14 @@ def measure(device: str = "cpu") -> MachineModel:
     dev = torch.device(device)
     sync = _sync(dev)
     matmul_gflops = _matmul_gflops(dev, 10)
-    big = torch.randn(8 * 1024 * 1024, device=dev)
+    big = torch.full((8 * 1024 * 1024,), 0.5, device=dev)
 
     def copy() -> None:
         big.clone()
         sync()
 
     t_copy = _best_time(copy, 5)
-    tiny = torch.randn(4, device=dev)
+    tiny = torch.full((4,), 0.5, device=dev)
 
     def op() -> None:
         tiny.add(1.0)
