@@ -21,6 +21,9 @@ only once nothing but the pool refers to its storage (the caller's tensor, its v
 and anything autograd saved are gone), so a returned tensor is never written behind
 its holder's back. The pool keeps at most ``NDCOMPILE_POOL_MB`` MiB (default
 :data:`POOL_MB`; ``0`` turns it off) and :func:`release_buffers` drops the free ones.
+
+The tiled op (:mod:`ndcompile.ir.tiled`) takes its output from here, and so does an
+untiled program run eagerly without gradients (:func:`pooled_result`).
 """
 
 from __future__ import annotations
@@ -38,15 +41,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ndcompile.ir.autodiff import register_shapes
+from ndcompile.ir.program import ContractionProgram
+
 __all__ = [
     "HUGE_PAGE",
     "MIN_BYTES",
     "POOL_MB",
+    "eager_cpu",
     "empty_like_rows",
     "huge_pages_available",
     "pool_paused",
     "pooled_bytes",
+    "pooled_result",
     "release_buffers",
+    "result_shape",
 ]
 
 #: Size of a transparent huge page on x86-64 and arm64 Linux (4 KiB base pages).
@@ -253,3 +262,55 @@ def _advise(start: int, nbytes: int) -> None:
     madvise = _madvise()
     if madvise is not None and hi > lo:
         madvise(lo, hi - lo, _MADV_HUGEPAGE)
+
+
+def result_shape(program: ContractionProgram, x: Tensor, factors: Sequence[Tensor]) -> tuple:
+    """The shape of ``program``'s result on the batch ``x`` and ``factors``."""
+    shapes = register_shapes(program, [x.shape, *[f.shape for f in factors]])
+    return tuple(shapes[program.result])
+
+
+def eager_cpu(x: Any) -> bool:
+    """Whether ``x`` is a CPU tensor whose ops run as written: not exported, no autocast."""
+    if not isinstance(x, Tensor) or x.device.type != "cpu":
+        return False
+    return not (torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"))
+
+
+def pooled_result(
+    program: ContractionProgram,
+    x: Tensor,
+    factors: Sequence[Tensor],
+    out_elements: int,
+    biases: Sequence[Tensor] = (),
+) -> Tensor | None:
+    """A buffer from the pool for the result of an untiled eager CPU run, or None.
+
+    A result of :data:`MIN_BYTES` or more would otherwise be fresh
+    pages that the kernel zeroes on first write (as the tiled op's output would be),
+    so the untiled program writes it into a pooled buffer when its last matmul can
+    write there directly. Small results, runs that record gradients (``out=`` ops
+    have no autograd), autocast, and traced, vmapped, exported or compiled code get
+    None: a plain result.
+
+    Args:
+        program: The program run over the whole batch ``x``.
+        x: The batch (rows along dim 0).
+        factors: The program's other operands.
+        out_elements: Elements of one result row.
+        biases: Tensors added into the result (full or per-mode biases).
+
+    Returns:
+        A contiguous tensor of the program's result shape, or None.
+    """
+    if type(x) is not Tensor or not eager_cpu(x) or torch.compiler.is_compiling():
+        return None
+    if torch.jit.is_tracing() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None
+    if x.shape[0] * out_elements * x.element_size() < MIN_BYTES:
+        return None
+    if not program.writes_out():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *factors, *biases)):
+        return None
+    return empty_like_rows(x, result_shape(program, x, factors))

@@ -30,9 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ndcompile.ir import pages
 from ndcompile.ir.autodiff import program_vjp, register_shapes
-from ndcompile.ir.pages import empty_like_rows
+from ndcompile.ir.pages import eager_cpu, empty_like_rows, result_shape
 from ndcompile.ir.program import ContractionProgram
 
 __all__ = [
@@ -41,7 +40,6 @@ __all__ = [
     "TILE_BUDGET_BYTES",
     "choose_tile",
     "graph_tile",
-    "pooled_result",
     "program_flops",
     "row_elements",
     "run_tiled",
@@ -139,16 +137,9 @@ def should_tile(x: Tensor, tile: int, whole_tiles: int = 2) -> bool:
     ``torch.export`` gets the plain ops, and under autocast the plain ops take
     autocast's dtypes.
     """
-    if tile <= 0 or not _eager_cpu(x):
+    if tile <= 0 or not eager_cpu(x):
         return False
     return bool(x.shape[0] > whole_tiles * tile)
-
-
-def _eager_cpu(x: Any) -> bool:
-    """Whether ``x`` is a CPU tensor whose ops run as written: not exported, no autocast."""
-    if not isinstance(x, Tensor) or x.device.type != "cpu":
-        return False
-    return not (torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"))
 
 
 def graph_tile(
@@ -191,50 +182,6 @@ def _program(text: str) -> ContractionProgram:
     return ContractionProgram.from_text(text)
 
 
-def _result_shape(program: ContractionProgram, x: Tensor, factors: Sequence[Tensor]) -> tuple:
-    shapes = register_shapes(program, [x.shape, *[f.shape for f in factors]])
-    return tuple(shapes[program.result])
-
-
-def pooled_result(
-    program: ContractionProgram,
-    x: Tensor,
-    factors: Sequence[Tensor],
-    out_elements: int,
-    biases: Sequence[Tensor] = (),
-) -> Tensor | None:
-    """A buffer from the pool for the result of an untiled eager CPU run, or None.
-
-    A result of :data:`~ndcompile.ir.pages.MIN_BYTES` or more would otherwise be fresh
-    pages that the kernel zeroes on first write (as the tiled op's output would be),
-    so the untiled program writes it into a pooled buffer when its last matmul can
-    write there directly. Small results, runs that record gradients (``out=`` ops
-    have no autograd), autocast, and traced, vmapped, exported or compiled code get
-    None: a plain result.
-
-    Args:
-        program: The program run over the whole batch ``x``.
-        x: The batch (rows along dim 0).
-        factors: The program's other operands.
-        out_elements: Elements of one result row.
-        biases: Tensors added into the result (full or per-mode biases).
-
-    Returns:
-        A contiguous tensor of the program's result shape, or None.
-    """
-    if type(x) is not Tensor or not _eager_cpu(x) or torch.compiler.is_compiling():
-        return None
-    if torch.jit.is_tracing() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return None
-    if x.shape[0] * out_elements * x.element_size() < pages.MIN_BYTES:
-        return None
-    if not program.writes_out():
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *factors, *biases)):
-        return None
-    return empty_like_rows(x, _result_shape(program, x, factors))
-
-
 def _forward(
     program: ContractionProgram,
     tile: int,
@@ -242,7 +189,7 @@ def _forward(
     factors: Sequence[Tensor],
     bias: Tensor | None,
 ) -> Tensor:
-    out = empty_like_rows(x, _result_shape(program, x, factors))
+    out = empty_like_rows(x, result_shape(program, x, factors))
     for start in range(0, x.shape[0], tile):
         # The last matmul writes straight into the output rows, with the bias folded
         # into it (or added there while the rows are still in cache).
@@ -277,7 +224,7 @@ tiled_contract = torch.library.custom_op("ndcompile::tiled_contract", mutates_ar
 def _tiled_contract_fake(
     x: Tensor, factors: list[Tensor], bias: Tensor | None, program: str, tile: int
 ) -> Tensor:
-    return x.new_empty(_result_shape(_program(program), x, factors))
+    return x.new_empty(result_shape(_program(program), x, factors))
 
 
 def _tiled_contract_backward(

@@ -19,7 +19,8 @@ from torch import Tensor
 from ndcompile.ir.autodiff import run_recomputed
 from ndcompile.ir.bias_steps import BiasStep
 from ndcompile.ir.network import NetworkPlan
-from ndcompile.ir.tiled import pooled_result, run_tiled, should_tile
+from ndcompile.ir.pages import pooled_result
+from ndcompile.ir.tiled import run_tiled, should_tile
 
 __all__ = ["ModeBiases", "apply_ndlinear", "mode_bias"]
 
