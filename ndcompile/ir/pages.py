@@ -303,13 +303,13 @@ def pooled_result(
     Returns:
         A contiguous tensor of the program's result shape, or None.
     """
-    if type(x) is not Tensor or not eager_cpu(x) or torch.compiler.is_compiling():
-        return None
-    if torch.jit.is_tracing() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return None
+    if type(x) is not Tensor or torch.compiler.is_compiling():
+        return None  # decided before the size, which dynamo would guard on
     if x.shape[0] * out_elements * x.element_size() < MIN_BYTES:
+        return None  # most calls stop here, before the checks below
+    if not eager_cpu(x) or torch.jit.is_tracing() or not program.writes_out():
         return None
-    if not program.writes_out():
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *factors, *biases)):
         return None
