@@ -9,6 +9,7 @@ import torch
 
 from ndcompile.ir.program import ContractionProgram
 from ndcompile.layers.ndlinear import NdLinear
+from ndcompile.planner import autotune as tuning
 from ndcompile.planner import calibrate
 from ndcompile.planner.machine import MachineModel
 from ndcompile.planner.plan import plan_ndlinear
@@ -58,7 +59,7 @@ def test_fastest_keeps_each_functions_minimum_over_interleaved_rounds(
         order.append(name)
         clock[0] += durations[name][len([n for n in order if n == name]) - 1]
 
-    monkeypatch.setattr(calibrate, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock[0])
     fastest = calibrate._fastest([lambda: fn("a"), lambda: fn("b")], rounds=3)
     assert fastest == [1, 3]
     # Two warm-up calls each, then rounds that start one function later every time.

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ndcompile.ir.autodiff import register_shapes
-from ndcompile.ir.program import ContractionProgram
+from ndcompile.ir.program import ContractionProgram, records_grad
 
 __all__ = [
     "HUGE_PAGE",
@@ -311,6 +311,6 @@ def pooled_result(
         return None
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *factors, *biases)):
+    if records_grad((x, *factors, *biases)):
         return None
     return empty_like_rows(x, result_shape(program, x, factors))

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["ContractionProgram", "Instruction", "broadcast_shapes"]
+__all__ = ["ContractionProgram", "Instruction", "broadcast_shapes", "records_grad"]
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,12 @@ def _late_add(bias: Any, operands: Sequence[Any]) -> bool:
     values = (*operands, bias)
     if not all(isinstance(v, torch.Tensor) for v in values) or bias.device.type != "cpu":
         return False
-    return not (torch.is_grad_enabled() and any(v.requires_grad for v in values))
+    return not records_grad(values)
+
+
+def records_grad(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether autograd records ops on any of ``tensors`` (grad mode on, one requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _add(a: Any, b: Any, out: torch.Tensor | None) -> Any:

@@ -20,6 +20,7 @@ from ndcompile.ir.autodiff import run_recomputed
 from ndcompile.ir.bias_steps import BiasStep
 from ndcompile.ir.network import NetworkPlan
 from ndcompile.ir.pages import pooled_result
+from ndcompile.ir.program import records_grad
 from ndcompile.ir.tiled import run_tiled, should_tile
 
 __all__ = ["ModeBiases", "apply_ndlinear", "mode_bias"]
@@ -157,7 +158,7 @@ def apply_ndlinear(
     if lead is None:
         lead = x.shape[:-1] if flat_input else x.shape[: -len(in_shape)]
     rows = x.reshape((-1, *in_shape))
-    grad = isinstance(rows, Tensor) and _needs_grad(rows, factors)
+    grad = isinstance(rows, Tensor) and records_grad((rows, *factors))
     # Training tiles batches of more than two tiles whatever ``whole_tiles`` says: a
     # whole-batch recompute holds the whole batch's intermediates at once.
     tiled = bool(text) and should_tile(rows, tile, 2 if grad else whole_tiles)
@@ -199,7 +200,3 @@ def apply_ndlinear(
     if bias is not None and fused_bias is None:
         y = y + (bias if flat_input else bias.reshape(out_shape))
     return y
-
-
-def _needs_grad(rows: Tensor, factors: Sequence[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *factors))

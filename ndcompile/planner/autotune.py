@@ -34,6 +34,7 @@ __all__ = [
     "check_autotune",
     "compile_program",
     "eager_mode",
+    "interleaved_times",
     "is_compiled",
     "is_training",
     "prepare_run",
@@ -118,24 +119,28 @@ def autotune_key(
     return key if mode == "eager" else f"{key} {mode}"
 
 
-def time_runs(runs: Sequence[Callable[[], Any]], reps: int, cuda: bool = False) -> list[float]:
-    """Median time of each run, in microseconds, timed in interleaved rounds.
+def interleaved_times(
+    runs: Sequence[Callable[[], Any]], reps: int, *, cuda: bool = False, warmups: int = 1
+) -> list[list[float]]:
+    """Seconds of each run in each of ``reps`` interleaved rounds.
 
-    Every run is warmed up once; then each of ``reps`` rounds runs each once, starting
-    one later every round. Load on the machine and clock changes then fall on all
-    candidates alike, where timing one candidate's repetitions after another's would
-    hand a slow stretch to whichever ran in it.
+    Every run is first called ``warmups`` times; then each round runs each once,
+    starting one later every round. Load on the machine and clock changes then fall
+    on all runs alike, where timing one run's repetitions after another's would hand
+    a slow stretch to whichever ran in it.
 
     Args:
-        runs: Prepared runs (:func:`prepare_run`).
+        runs: The functions to time.
         reps: Timed rounds.
         cuda: Synchronize CUDA after each run.
+        warmups: Untimed calls of each run before the rounds.
 
     Returns:
-        The medians, in ``runs``' order.
+        Per run (in ``runs``' order), its ``reps`` times.
     """
     for run in runs:
-        run()
+        for _ in range(warmups):
+            run()
     if cuda:
         torch.cuda.synchronize()
     times: list[list[float]] = [[] for _ in runs]
@@ -148,7 +153,23 @@ def time_runs(runs: Sequence[Callable[[], Any]], reps: int, cuda: bool = False) 
             if cuda:
                 torch.cuda.synchronize()
             times[j].append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1e6 for t in times]
+    return times
+
+
+def time_runs(runs: Sequence[Callable[[], Any]], reps: int, cuda: bool = False) -> list[float]:
+    """Median time of each run, in microseconds, timed in interleaved rounds.
+
+    One warm-up call each, then :func:`interleaved_times`.
+
+    Args:
+        runs: Prepared runs (:func:`prepare_run`).
+        reps: Timed rounds.
+        cuda: Synchronize CUDA after each run.
+
+    Returns:
+        The medians, in ``runs``' order.
+    """
+    return [statistics.median(t) * 1e6 for t in interleaved_times(runs, reps, cuda=cuda)]
 
 
 def _traced(program: ContractionProgram, n_operands: int) -> fx.GraphModule:

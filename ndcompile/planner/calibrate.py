@@ -19,9 +19,10 @@ at 1,024 rows by :data:`MARGIN` and slower at 224 by less than :data:`MARGIN`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from time import perf_counter
 
 import torch
+
+from ndcompile.planner.autotune import interleaved_times
 
 __all__ = ["MARGIN", "bias_in_gemm"]
 
@@ -33,22 +34,12 @@ _LEFT, _RIGHT = (48, 24), (24, 64)
 
 
 def _fastest(fns: list[Callable[[], object]], rounds: int) -> list[float]:
-    """Fastest seconds of each function over interleaved rounds, after a warm-up.
+    """Fastest seconds of each function over interleaved rounds, after two warm-ups.
 
     The minimum, not the median: load from other processes only ever slows a run
     down, and interleaving makes it hit every function alike.
     """
-    times: list[list[float]] = [[] for _ in fns]
-    for fn in fns:
-        fn()
-        fn()
-    for r in range(rounds):
-        for k in range(len(fns)):
-            j = (k + r) % len(fns)  # each round starts one later
-            t0 = perf_counter()
-            fns[j]()
-            times[j].append(perf_counter() - t0)
-    return [min(t) for t in times]
+    return [min(t) for t in interleaved_times(fns, rounds, warmups=2)]
 
 
 def _add_over_fold(rows: int, rounds: int) -> float:

@@ -147,7 +147,7 @@ def _positive_number(value: Any) -> bool:
     )
 
 
-def _device_type(name: str) -> bool:
+def _parses_as_device(name: str) -> bool:
     """Whether ``name`` is a device torch can parse (``"cpu"``, ``"cuda"``, ...)."""
     try:
         torch.device(name)
@@ -159,7 +159,7 @@ def _device_type(name: str) -> bool:
 def _valid_field(name: str, value: Any) -> bool:
     """Whether ``name: value`` may appear in a machine cache file."""
     if name == "device":
-        return isinstance(value, str) and bool(value) and _device_type(value)
+        return isinstance(value, str) and bool(value) and _parses_as_device(value)
     if name == _CHOICE:
         return isinstance(value, bool)
     return name in _FIELDS and _positive_number(value)
