@@ -38,6 +38,7 @@ from ndcompile.errors import NdCompileError
 from ndcompile.frontend.sites import order_like
 from ndcompile.ir.network import NetworkPlan, TensorNetwork
 from ndcompile.ir.tiled import graph_tile
+from ndcompile.kernels.kron2 import graph_kron2
 from ndcompile.passes.dynamo.common import (
     add_constant_inputs,
     commit_replacement,
@@ -217,11 +218,17 @@ def _emit(
     xr = graph.call_method("reshape", (x, (-1, *in_shape)))
     values = [example_value(f) for f in factors]
     tile = 0
+    fused = False
     if all(isinstance(v, Tensor) for v in values):
         program = tn.plan(optimizer, nominal_batch=rows).program
         shapes = [tuple(v.shape) for v in values]
-        tile = graph_tile(program, in_shape, shapes, example_value(x), rows)
-    if tile:
+        fused = graph_kron2(example_value(x), in_shape, shapes)
+        tile = 0 if fused else graph_tile(program, in_shape, shapes, example_value(x), rows)
+    if fused:
+        # The generated kernel adds the bias as it writes each row.
+        y = graph.call_function(torch.ops.ndcompile.kron2.default, (xr, *factors, b))
+        b = None
+    elif tile:
         args = (xr, list(factors), None, program.to_text(), tile)
         y = graph.call_function(torch.ops.ndcompile.tiled_contract.default, args)
     else:

@@ -41,6 +41,7 @@ import torch.fx as fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ndcompile.ir.tiled import graph_tile
+from ndcompile.kernels.kron2 import graph_kron2
 from ndcompile.layers.execution import mode_bias
 from ndcompile.passes.dynamo.common import (
     commit_replacement,
@@ -86,14 +87,11 @@ def _emit(graph: fx.Graph, chain: ModeChain, optimizer: str, rows: int) -> tuple
     choice = plan_ndlinear(chain.in_shape, chain.out_shape, 1, batch=rows, optimizer=optimizer)
     plan = choice.chosen.plan
     shapes = [(h, d) for d, h in zip(chain.in_shape, chain.out_shape, strict=True)]
-    tile = graph_tile(plan.program, chain.in_shape, shapes, example_value(chain.x), rows)
-    if tile:
-        args = (x, list(chain.weights), None, plan.program.to_text(), tile)
-        y = graph.call_function(torch.ops.ndcompile.tiled_contract.default, args)
-    else:
-        y = plan.program.run(proxy(x), *(proxy(w) for w in chain.weights)).node
-    y.meta["ndcompile_plan"] = plan
-    y = restore_leading(graph, chain.x, chain.lead, y, chain.out_shape)
+    fused = graph_kron2(example_value(chain.x), chain.in_shape, shapes)
+    tile = 0
+    if not fused:
+        tile = graph_tile(plan.program, chain.in_shape, shapes, example_value(chain.x), rows)
+    bias: Any = None
     if any(b is not None for b in chain.biases):
         weights = [proxy(w) for w in chain.weights]
         biases = [
@@ -103,6 +101,19 @@ def _emit(graph: fx.Graph, chain: ModeChain, optimizer: str, rows: int) -> tuple
         # Duck-typed: mode_bias only reads factor[0] of each rank-1 factor.
         factors: list[Any] = [_RankOneFactor(w) for w in weights]
         bias = mode_bias(biases, factors, chain.order, chain.out_shape)
+    if fused:
+        # The generated kernel adds the bias as it writes each row.
+        full = None if bias is None else bias.reshape(-1).node
+        y = graph.call_function(torch.ops.ndcompile.kron2.default, (x, *chain.weights, full))
+        bias = None
+    elif tile:
+        args = (x, list(chain.weights), None, plan.program.to_text(), tile)
+        y = graph.call_function(torch.ops.ndcompile.tiled_contract.default, args)
+    else:
+        y = plan.program.run(proxy(x), *(proxy(w) for w in chain.weights)).node
+    y.meta["ndcompile_plan"] = plan
+    y = restore_leading(graph, chain.x, chain.lead, y, chain.out_shape)
+    if bias is not None:
         y = (proxy(y) + bias.reshape(chain.out_shape)).node
     return y, plan
 

@@ -1,0 +1,230 @@
+"""The fused two-mode NdLinear kernel: eligibility, operand layout and the call.
+
+:func:`fused_kron2` runs a two-mode layer ``y[b] = bias + sum_r W1[r] x[b] W2[r]^T``
+in one pass over the batch (see :mod:`ndcompile.kernels.codegen`). It is an
+inference kernel, used on float32/float64 CPU tensors that autograd does not
+record:
+
+* eagerly, outside ``jit.trace``, functorch transforms, autocast and dispatch
+  modes (a FLOP counter or a fake mode then sees the planned ops);
+* under ``torch.compile`` as the ``ndcompile::kron2`` custom op, which inductor
+  calls as an extern kernel (the backend's passes emit it too, see
+  :func:`graph_kron2`); never under ``torch.export``, whose programs must run where
+  no kernel can be built.
+
+Everywhere else the layer runs its planned program. Each layer shape is compiled
+once per machine (cached on disk) and loaded once per process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ndcompile.ir.pages import empty_like_rows
+from ndcompile.ir.program import records_grad
+from ndcompile.kernels.build import compile_library, kernels_enabled, vector_unit
+from ndcompile.kernels.codegen import KernelShape, kernel_order, kernel_source
+
+__all__ = [
+    "STREAM_BYTES",
+    "fused_kron2",
+    "graph_kron2",
+    "kron2_function",
+    "use_fused",
+]
+
+#: Results of at least this many bytes are written with non-temporal stores (they
+#: would not stay in cache for the next op anyway).
+STREAM_BYTES = 8 << 20
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+Kernel = Callable[..., None]
+
+
+@functools.cache
+def kron2_function(shape: KernelShape) -> tuple[Kernel, str] | None:
+    """The compiled kernel for ``shape`` on this machine and its mode order, or None."""
+    unit = vector_unit()
+    order = None if unit is None else kernel_order(shape, unit)
+    if unit is None or order is None:
+        return None
+    lib = compile_library(kernel_source(shape, unit), shape.name)
+    if lib is None:
+        return None
+    fn = getattr(lib, shape.name)
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_int, ctypes.c_int]
+    return fn, order
+
+
+def _shape(rows: Tensor, factors: Sequence[Tensor]) -> KernelShape | None:
+    if len(factors) != 2 or rows.dim() != 3:
+        return None
+    f1, f2 = (f if f.dim() == 3 else f.unsqueeze(0) for f in factors)
+    if f1.shape[0] != f2.shape[0] or f1.shape[2] != rows.shape[1] or f2.shape[2] != rows.shape[2]:
+        return None
+    return KernelShape(
+        int(rows.shape[1]),
+        int(rows.shape[2]),
+        int(f1.shape[1]),
+        int(f2.shape[1]),
+        int(f1.shape[0]),
+        _DTYPES[rows.dtype],
+    )
+
+
+def use_fused(
+    rows: Tensor, factors: Sequence[Tensor], biases: Sequence[Tensor | None] = ()
+) -> bool:
+    """Whether :func:`fused_kron2` runs this call (see the module docstring).
+
+    Args:
+        rows: The batch ``(rows, d1, d2)``.
+        factors: The two factors, ``(h, d)`` or ``(R, h, d)`` each.
+        biases: The tensors the bias is made of (the full bias, or the per-mode
+            biases it is computed from); None entries are skipped.
+    """
+    if torch.compiler.is_compiling():
+        return _compiled_use(rows, factors, biases)
+    if type(rows) is not Tensor or not kernels_enabled():
+        return False
+    operands = [rows, *factors, *(b for b in biases if b is not None)]
+    if any(t.device.type != "cpu" or t.dtype != rows.dtype for t in operands):
+        return False
+    if rows.dtype not in _DTYPES or len(factors) != 2 or rows.dim() != 3:
+        return False
+    if torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False  # FLOP counters, fake and debug modes see the planned aten ops
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in operands):
+        return False
+    if records_grad(operands):
+        return False
+    shape = _shape(rows, factors)
+    return shape is not None and kron2_function(shape) is not None
+
+
+def _compiled_use(rows: Tensor, factors: Sequence[Tensor], biases: Sequence[Tensor | None]) -> bool:
+    """:func:`use_fused` while dynamo traces: the graph calls ``ndcompile::kron2``.
+
+    Not while exporting: an exported program runs where no kernel may be built.
+    Grad mode, dtypes and devices are guarded by dynamo; whether the kernel builds
+    is decided once, at trace time.
+    """
+    if torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"):
+        return False
+    operands = [rows, *factors, *(b for b in biases if b is not None)]
+    if any(t.device.type != "cpu" or t.dtype != rows.dtype for t in operands):
+        return False
+    if rows.dtype not in _DTYPES or len(factors) != 2 or rows.dim() != 3:
+        return False
+    if records_grad(operands):
+        return False
+    d1, d2 = int(rows.shape[1]), int(rows.shape[2])
+    f1, f2 = factors
+    rank = 1 if f1.dim() == 2 else int(f1.shape[0])
+    return _kernel_ready(d1, d2, int(f1.shape[-2]), int(f2.shape[-2]), rank, _DTYPES[rows.dtype])
+
+
+def graph_kron2(like: Any, in_shape: Sequence[int], factor_shapes: Sequence[Sequence[int]]) -> bool:
+    """Whether a graph captured now calls ``ndcompile::kron2`` for a two-mode contraction.
+
+    The graph-level twin of :func:`use_fused` for the ``torch.compile`` backend's
+    passes, which decide once per captured graph: an inference graph (dynamo
+    guards on the grad mode) on float32/float64 CPU values whose kernel builds.
+
+    Args:
+        like: The batch's example value (a FakeTensor), for device and dtype.
+        in_shape: The two input modes ``(d1, d2)``.
+        factor_shapes: The two factors' shapes, ``(h, d)`` or ``(R, h, d)`` each.
+    """
+    if len(in_shape) != 2 or len(factor_shapes) != 2 or torch.is_grad_enabled():
+        return False
+    if not isinstance(like, Tensor) or like.device.type != "cpu" or like.dtype not in _DTYPES:
+        return False
+    dims = [*in_shape, *(d for f in factor_shapes for d in f)]
+    if not all(isinstance(d, int) for d in dims) or torch.is_autocast_enabled("cpu"):
+        return False
+    f1, f2 = (tuple(f) if len(f) == 3 else (1, *f) for f in factor_shapes)
+    if f1[0] != f2[0] or (f1[2], f2[2]) != tuple(in_shape):
+        return False
+    return _kernel_ready(*in_shape, f1[1], f2[1], f1[0], _DTYPES[like.dtype])
+
+
+@torch.compiler.assume_constant_result
+def _kernel_ready(d1: int, d2: int, h1: int, h2: int, rank: int, dtype: str) -> bool:
+    if not kernels_enabled():
+        return False
+    return kron2_function(KernelShape(d1, d2, h1, h2, rank, dtype)) is not None
+
+
+@torch.library.custom_op("ndcompile::kron2", mutates_args=())
+def _kron2_op(rows: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
+    return _run(rows, (w1, w2), bias)
+
+
+@_kron2_op.register_fake
+def _kron2_fake(rows: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
+    return rows.new_empty((rows.shape[0], w1.shape[-2], w2.shape[-2]))
+
+
+def fused_kron2(rows: Tensor, factors: Sequence[Tensor], bias: Tensor | None) -> Tensor:
+    """``(rows, h1, h2)`` = ``bias + sum_r W1[r] @ rows[b] @ W2[r]^T`` for every row.
+
+    Call only where :func:`use_fused` says so. Under ``torch.compile`` this is the
+    ``ndcompile::kron2`` custom op (inductor calls the kernel); eagerly, the kernel.
+
+    Args:
+        rows: The batch ``(rows, d1, d2)``.
+        factors: The two factors, ``(h, d)`` or ``(R, h, d)`` each.
+        bias: The full bias (``h1*h2`` elements) or None.
+
+    Returns:
+        A new contiguous tensor (from the buffer pool when it is large).
+    """
+    if torch.compiler.is_compiling():
+        w1, w2 = factors
+        return torch.ops.ndcompile.kron2(rows, w1, w2, bias)  # type: ignore[no-any-return]
+    return _run(rows, factors, bias)
+
+
+def _run(rows: Tensor, factors: Sequence[Tensor], bias: Tensor | None) -> Tensor:
+    """Call the compiled kernel (see :func:`fused_kron2`)."""
+    shape = _shape(rows, factors)
+    assert shape is not None
+    found = kron2_function(shape)
+    assert found is not None
+    fn, order = found
+    f1, f2 = (f if f.dim() == 3 else f.unsqueeze(0) for f in factors)
+    x = rows.contiguous()
+    # Order "21" takes the stacked first factors (h1, R, d1); "12" takes them as is.
+    w1 = (f1.permute(1, 0, 2) if order == "21" else f1).contiguous()
+    w2t = f2.transpose(1, 2).contiguous()  # (R, d2, h2)
+    b = None if bias is None else bias.reshape(shape.h1, shape.h2).contiguous()
+    y = empty_like_rows(x, (x.shape[0], shape.h1, shape.h2))
+    unit = vector_unit()
+    stream = int(
+        unit is not None
+        and bool(unit.stream)
+        and y.numel() * y.element_size() >= STREAM_BYTES
+        and y.data_ptr() % unit.bytes == 0
+    )
+    fn(
+        x.data_ptr(),
+        w1.data_ptr(),
+        w2t.data_ptr(),
+        None if b is None else b.data_ptr(),
+        y.data_ptr(),
+        x.shape[0],
+        torch.get_num_threads(),
+        stream,
+    )
+    return y
