@@ -142,7 +142,7 @@ def test_it_runs_only_where_no_gradient_is_taken_on_plain_cpu_tensors(
     "kwargs",
     [{}, {"bias": "modes"}, {"lowrank": 3}, {"flat": True}, {"tile": 4}, {"rank": 2}],
 )
-def test_a_layer_takes_the_kernel_in_inference_and_not_in_training(
+def test_a_layer_takes_the_kernel_in_inference(
     monkeypatch: pytest.MonkeyPatch, kwargs: dict
 ) -> None:
     calls = []
@@ -162,10 +162,66 @@ def test_a_layer_takes_the_kernel_in_inference_and_not_in_training(
         want = layer(x)
     assert len(calls) == 1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    monkeypatch.delenv("NDCOMPILE_KERNELS")
-    y = layer(x)  # training: the planned program, with gradients
-    y.sum().backward()
-    assert len(calls) == 1 and all(p.grad is not None for p in layer.parameters())
+
+
+TRAINING = [
+    ({}, (8, 16), (4, 32)),
+    ({"rank": 3}, (8, 16), (4, 32)),
+    ({"bias": "modes"}, (8, 16), (4, 32)),
+    ({"bias": False, "tile": 8}, (8, 16), (4, 32)),  # tiled: the backward runs per tile
+    ({"lowrank": 2, "flat": True}, (8, 16), (4, 32)),
+    ({}, (8, 12), (4, 32)),  # d2 = 12: no kernel for the input's gradient
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("kwargs", "ins", "outs"), TRAINING)
+def test_training_through_the_kernel_matches_the_program(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, kwargs: dict, ins: tuple, outs: tuple
+) -> None:
+    calls = []
+    real = execution.train_kron2
+    monkeypatch.setattr(execution, "train_kron2", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = NdLinear(ins, outs, dtype=dtype, **kwargs)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    shape = (5, 7, ins[0] * ins[1]) if layer.flat else (5, 7, *ins)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("NDCOMPILE_KERNELS", enabled)
+        y = layer(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+        results.append((y, grads))
+    assert len(calls) == 1
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(results[0][0], results[1][0], **tol)
+    for got, want in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@needs_kernels
+def test_training_with_frozen_factors_or_no_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = execution.train_kron2
+    monkeypatch.setattr(execution, "train_kron2", lambda *a: calls.append(1) or real(*a))
+    layer = NdLinear((8, 16), (4, 32))
+    for f in layer.factors:
+        f.requires_grad_(False)
+    x = torch.randn(6, 8, 16)
+    layer(x).sum().backward()  # only the bias learns
+    assert calls and torch.equal(layer.bias.grad, torch.full((128,), 6.0))
+    # recompute=False keeps autograd's own saved intermediates: the planned program.
+    plain = NdLinear((8, 16), (4, 32), recompute=False)
+    plain(x).sum().backward()
+    assert len(calls) == 1 and plain.factors[0].grad is not None
+    with pytest.raises(RuntimeError, match=r"twice|once_differentiable|double"):
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(layer(xg).square().sum(), [xg], create_graph=True)
+        g.sum().backward()
 
 
 def captured_graphs(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -213,7 +269,7 @@ def test_a_real_bert_runs_the_kernel_and_matches(monkeypatch: pytest.MonkeyPatch
     model.eval()
     converted = ndcompile.convert(model, inputs, mode="fresh", rank=2)
     calls = []
-    real = execution.fused_kron2
+    real, real_train = execution.fused_kron2, execution.train_kron2
     monkeypatch.setattr(execution, "fused_kron2", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         got = converted(**inputs).last_hidden_state
@@ -221,6 +277,17 @@ def test_a_real_bert_runs_the_kernel_and_matches(monkeypatch: pytest.MonkeyPatch
         want = converted(**inputs).last_hidden_state
     assert calls
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Training: the same loss and gradients through the kernel's autograd function.
+    monkeypatch.setattr(execution, "train_kron2", lambda *a: calls.append(2) or real_train(*a))
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("NDCOMPILE_KERNELS", enabled)
+        converted.zero_grad()
+        converted(**inputs).last_hidden_state.square().mean().backward()
+        results.append([p.grad.clone() for p in converted.parameters() if p.grad is not None])
+    assert 2 in calls and len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------- the build

@@ -36,6 +36,7 @@ __all__ = [
     "STREAM_BYTES",
     "fused_kron2",
     "graph_kron2",
+    "kernel_shape",
     "kron2_function",
     "use_fused",
 ]
@@ -64,7 +65,8 @@ def kron2_function(shape: KernelShape) -> tuple[Kernel, str] | None:
     return fn, order
 
 
-def _shape(rows: Tensor, factors: Sequence[Tensor]) -> KernelShape | None:
+def kernel_shape(rows: Tensor, factors: Sequence[Tensor]) -> KernelShape | None:
+    """The kernel specialisation for this batch and these factors, or None if they do not fit."""
     if len(factors) != 2 or rows.dim() != 3:
         return None
     f1, f2 = (f if f.dim() == 3 else f.unsqueeze(0) for f in factors)
@@ -81,7 +83,11 @@ def _shape(rows: Tensor, factors: Sequence[Tensor]) -> KernelShape | None:
 
 
 def use_fused(
-    rows: Tensor, factors: Sequence[Tensor], biases: Sequence[Tensor | None] = ()
+    rows: Tensor,
+    factors: Sequence[Tensor],
+    biases: Sequence[Tensor | None] = (),
+    *,
+    training: bool = False,
 ) -> bool:
     """Whether :func:`fused_kron2` runs this call (see the module docstring).
 
@@ -90,6 +96,8 @@ def use_fused(
         factors: The two factors, ``(h, d)`` or ``(R, h, d)`` each.
         biases: The tensors the bias is made of (the full bias, or the per-mode
             biases it is computed from); None entries are skipped.
+        training: Allow operands that autograd records (eagerly only): the call
+            then goes through :func:`ndcompile.kernels.autograd.train_kron2`.
     """
     if torch.compiler.is_compiling():
         return _compiled_use(rows, factors, biases)
@@ -106,9 +114,9 @@ def use_fused(
         return False  # FLOP counters, fake and debug modes see the planned aten ops
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in operands):
         return False
-    if records_grad(operands):
+    if records_grad(operands) and not training:
         return False
-    shape = _shape(rows, factors)
+    shape = kernel_shape(rows, factors)
     return shape is not None and kron2_function(shape) is not None
 
 
@@ -198,7 +206,7 @@ def fused_kron2(rows: Tensor, factors: Sequence[Tensor], bias: Tensor | None) ->
 
 def _run(rows: Tensor, factors: Sequence[Tensor], bias: Tensor | None) -> Tensor:
     """Call the compiled kernel (see :func:`fused_kron2`)."""
-    shape = _shape(rows, factors)
+    shape = kernel_shape(rows, factors)
     assert shape is not None
     found = kron2_function(shape)
     assert found is not None

@@ -22,6 +22,7 @@ from ndcompile.ir.network import NetworkPlan
 from ndcompile.ir.pages import pooled_result
 from ndcompile.ir.program import records_grad
 from ndcompile.ir.tiled import run_tiled, should_tile
+from ndcompile.kernels.autograd import train_kron2
 from ndcompile.kernels.kron2 import fused_kron2, use_fused
 
 __all__ = ["ModeBiases", "apply_ndlinear", "mode_bias"]
@@ -166,10 +167,19 @@ def apply_ndlinear(
     if tiled and not recompute:
         tiled = not grad
     saved = not tiled and recompute and grad
-    # Inference on the CPU: a two-mode layer runs in one generated kernel that keeps
-    # each row's intermediate in cache (ndcompile.kernels), tiled or not.
+    # On the CPU a two-mode layer runs in one generated kernel that keeps each row's
+    # intermediate in cache (ndcompile.kernels). In training (where the backward
+    # recomputes: tiled or saved) its backward recomputes tile by tile as before.
     mode_biases = bias.biases if isinstance(bias, ModeBiases) else [bias]
-    fused = not grad and isinstance(rows, Tensor) and use_fused(rows, factors, mode_biases)
+    fused = (
+        isinstance(rows, Tensor)
+        and (tiled or saved or not grad)
+        and use_fused(rows, factors, mode_biases, training=True)
+    )
+    # A trainable bias with frozen factors also needs the autograd function.
+    fused_grad = fused and records_grad(
+        [rows, *factors, *(t for t in mode_biases if t is not None)]
+    )
     steps = None
     if isinstance(bias, ModeBiases):
         # Eagerly, the GEMMs take the biases and the full bias's small ops (a few
@@ -182,9 +192,11 @@ def apply_ndlinear(
     # The tiled op and a plain run add the bias (in the last GEMM where it fits, else
     # in place outside autograd); the recomputing autograd function and FX proxies
     # leave it to the end.
-    fused_bias = bias if tiled or (isinstance(rows, Tensor) and not saved) else None
+    fused_bias = bias if fused or tiled or (isinstance(rows, Tensor) and not saved) else None
     b = None if fused_bias is None else fused_bias.reshape(out_shape)
-    if fused:
+    if fused_grad:
+        y = train_kron2(rows, factors, b, text or plan.program.to_text(), tile if tiled else 0)
+    elif fused:
         y = fused_kron2(rows, factors, b)
     elif tiled:
         y = run_tiled(text, tile, rows, factors, b)
