@@ -170,7 +170,7 @@ TRAINING = [
     ({"bias": "modes"}, (8, 16), (4, 32)),
     ({"bias": False, "tile": 8}, (8, 16), (4, 32)),  # tiled: the backward runs per tile
     ({"lowrank": 2, "flat": True}, (8, 16), (4, 32)),
-    ({}, (8, 12), (4, 32)),  # d2 = 12: no kernel for the input's gradient
+    ({"rank": 2, "tile": 8}, (12, 16), (8, 16)),  # tiled, with the bias's gradient
 ]
 
 

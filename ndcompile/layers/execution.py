@@ -195,7 +195,7 @@ def apply_ndlinear(
     fused_bias = bias if fused or tiled or (isinstance(rows, Tensor) and not saved) else None
     b = None if fused_bias is None else fused_bias.reshape(out_shape)
     if fused_grad:
-        y = train_kron2(rows, factors, b, text or plan.program.to_text(), tile if tiled else 0)
+        y = train_kron2(rows, factors, b, plan.program, text, tile if tiled else 0)
     elif fused:
         y = fused_kron2(rows, factors, b)
     elif tiled:
