@@ -103,10 +103,8 @@ def use_fused(
         return _compiled_use(rows, factors, biases)
     if type(rows) is not Tensor or not kernels_enabled():
         return False
-    operands = [rows, *factors, *(b for b in biases if b is not None)]
-    if any(t.device.type != "cpu" or t.dtype != rows.dtype for t in operands):
-        return False
-    if rows.dtype not in _DTYPES or len(factors) != 2 or rows.dim() != 3:
+    operands = _cpu_operands(rows, factors, biases)
+    if operands is None:
         return False
     if torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
         return False
@@ -120,6 +118,18 @@ def use_fused(
     return shape is not None and kron2_function(shape) is not None
 
 
+def _cpu_operands(
+    rows: Tensor, factors: Sequence[Tensor], biases: Sequence[Tensor | None]
+) -> list[Tensor] | None:
+    """All operands when they are CPU tensors of one kernel dtype and two modes, else None."""
+    operands = [rows, *factors, *(b for b in biases if b is not None)]
+    if any(t.device.type != "cpu" or t.dtype != rows.dtype for t in operands):
+        return None
+    if rows.dtype not in _DTYPES or len(factors) != 2 or rows.dim() != 3:
+        return None
+    return operands
+
+
 def _compiled_use(rows: Tensor, factors: Sequence[Tensor], biases: Sequence[Tensor | None]) -> bool:
     """:func:`use_fused` while dynamo traces: the graph calls ``ndcompile::kron2``.
 
@@ -129,12 +139,8 @@ def _compiled_use(rows: Tensor, factors: Sequence[Tensor], biases: Sequence[Tens
     """
     if torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"):
         return False
-    operands = [rows, *factors, *(b for b in biases if b is not None)]
-    if any(t.device.type != "cpu" or t.dtype != rows.dtype for t in operands):
-        return False
-    if rows.dtype not in _DTYPES or len(factors) != 2 or rows.dim() != 3:
-        return False
-    if records_grad(operands):
+    operands = _cpu_operands(rows, factors, biases)
+    if operands is None or records_grad(operands):
         return False
     d1, d2 = int(rows.shape[1]), int(rows.shape[2])
     f1, f2 = factors
