@@ -204,7 +204,7 @@ def test_training_through_the_kernel_matches_the_program(
 
 
 @needs_kernels
-def test_training_with_frozen_factors_or_no_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_with_frozen_factors_or_without_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = execution.train_kron2
     monkeypatch.setattr(execution, "train_kron2", lambda *a: calls.append(1) or real(*a))
@@ -218,10 +218,55 @@ def test_training_with_frozen_factors_or_no_recompute(monkeypatch: pytest.Monkey
     plain = NdLinear((8, 16), (4, 32), recompute=False)
     plain(x).sum().backward()
     assert len(calls) == 1 and plain.factors[0].grad is not None
-    with pytest.raises(RuntimeError, match=r"twice|once_differentiable|double"):
-        xg = x.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(layer(xg).square().sum(), [xg], create_graph=True)
-        g.sum().backward()
+
+
+@needs_kernels
+def test_double_backward_of_an_untiled_layer_matches_the_program(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    layer = NdLinear((12, 16), (10, 32), dtype=torch.float64)
+    x = torch.randn(8, 12, 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("NDCOMPILE_KERNELS", enabled)
+        (g,) = torch.autograd.grad(layer(x).square().sum(), [x], create_graph=True)
+        results.append(torch.autograd.grad(g.square().sum(), [x, *layer.parameters()]))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@needs_kernels
+def test_subclasses_and_forward_mode_tangents_keep_the_planned_ops() -> None:
+    from torch.autograd import forward_ad
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    layer = NdLinear((8, 16), (4, 32), rank=2).requires_grad_(False)
+    x = torch.randn(6, 8, 16)
+    factors = [TwoTensor(f, 2 * f) for f in layer.factor_operands()]
+    assert not kron2.use_fused(x, factors)
+    tangent = torch.randn_like(x)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, tangent)
+        assert not kron2.use_fused(dual, layer.factor_operands())
+        got = forward_ad.unpack_dual(layer(dual)).tangent
+    assert got is not None
+    want = layer(tangent) - layer.bias.reshape(4, 32)  # the layer is affine in x
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_the_op_without_a_kernel_computes_the_same_contraction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = NdLinear((8, 16), (4, 32), rank=2)
+    x = torch.randn(6, 8, 16)
+    with torch.no_grad():
+        want = dense(x, layer)
+        monkeypatch.setenv("NDCOMPILE_KERNELS", "0")  # as on a machine without a compiler
+        f1, f2 = layer.factor_operands()
+        got = torch.ops.ndcompile.kron2(x, f1, f2, layer.bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def captured_graphs(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -368,6 +413,21 @@ def test_the_backend_calls_the_kernel_in_inference_graphs(dtype: torch.dtype) ->
         work, report, _ = rewrite_dynamo_graph(gm, inputs)
         assert report.layers[0].status == "inlined" and kron2_calls(work) == 1
         torch.testing.assert_close(backend_compile(model)(x), model(x), **tol)
+
+    # A model that turns gradients on inside its forward records them even when it
+    # is called under no_grad: its graph keeps the planned program.
+    class Enabled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.nd = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                return self.nd(x)
+
+    with torch.no_grad():
+        out = backend_compile(Enabled(), inductor=False)(x)
+    out.sum().backward()
     # A graph captured for training runs the planned program and has gradients.
     (gm, inputs), *_ = capture(model, x)
     work, _, _ = rewrite_dynamo_graph(gm, inputs)

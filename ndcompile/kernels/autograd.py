@@ -11,7 +11,9 @@ The input's gradient comes from the same recomputed intermediates (a second
 kernel call for it measured no faster: it would redo the product the factors'
 gradients need anyway).
 
-Double backward is not supported (as for the tiled op).
+The backward is itself differentiable where the path it replaces was: through
+``program_vjp``'s ops for an untiled layer (gradient penalties, Hessian-vector
+products); a tiled layer's backward is the tiled op's, which is not.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ndcompile.ir.autodiff import program_vjp
 from ndcompile.ir.program import ContractionProgram
@@ -54,7 +55,6 @@ class _Kron2(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, f1, f2 = ctx.saved_tensors
         nx, n1, n2, nb = ctx.needs_input_grad[:4]

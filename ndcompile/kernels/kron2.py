@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ndcompile.ir.pages import empty_like_rows
@@ -46,6 +49,7 @@ __all__ = [
 STREAM_BYTES = 8 << 20
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_PLAIN = (Tensor, torch.nn.Parameter)
 Kernel = Callable[..., None]
 
 
@@ -108,14 +112,21 @@ def use_fused(
         return False
     if torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
         return False
-    if _get_current_dispatch_mode() is not None:
-        return False  # FLOP counters, fake and debug modes see the planned aten ops
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in operands):
-        return False
+    if _get_current_dispatch_mode() is not None or _function_modes():
+        return False  # FLOP counters, fake, debug and override modes see the planned ops
+    if any(type(t) not in _PLAIN for t in operands):
+        return False  # subclasses (their ops and data are their own) and functorch wrappers
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in operands):
+        return False  # forward-mode AD: the planned ops carry the tangents
     if records_grad(operands) and not training:
         return False
     shape = kernel_shape(rows, factors)
     return shape is not None and kron2_function(shape) is not None
+
+
+def _function_modes() -> bool:
+    """Whether a ``TorchFunctionMode`` other than a default-device context is active."""
+    return any(not isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
 
 
 def _cpu_operands(
@@ -148,26 +159,42 @@ def _compiled_use(rows: Tensor, factors: Sequence[Tensor], biases: Sequence[Tens
     return _kernel_ready(d1, d2, int(f1.shape[-2]), int(f2.shape[-2]), rank, _DTYPES[rows.dtype])
 
 
-def graph_kron2(like: Any, in_shape: Sequence[int], factor_shapes: Sequence[Sequence[int]]) -> bool:
+def graph_kron2(
+    like: Any,
+    in_shape: Sequence[int],
+    factors: Sequence[Any],
+    bias: Any = None,
+    result: Any = None,
+) -> bool:
     """Whether a graph captured now calls ``ndcompile::kron2`` for a two-mode contraction.
 
     The graph-level twin of :func:`use_fused` for the ``torch.compile`` backend's
     passes, which decide once per captured graph: an inference graph (dynamo
-    guards on the grad mode) on float32/float64 CPU values whose kernel builds.
+    guards on the grad mode, and the replaced result must not record gradients,
+    as it would inside ``torch.enable_grad()`` in the model) on float32/float64
+    CPU values of one dtype whose kernel builds.
 
     Args:
-        like: The batch's example value (a FakeTensor), for device and dtype.
+        like: The batch's example value (a FakeTensor).
         in_shape: The two input modes ``(d1, d2)``.
-        factor_shapes: The two factors' shapes, ``(h, d)`` or ``(R, h, d)`` each.
+        factors: The two factors' example values, ``(h, d)`` or ``(R, h, d)`` each.
+        bias: The bias's example value, or None.
+        result: The example value of the result being replaced, or None.
     """
-    if len(in_shape) != 2 or len(factor_shapes) != 2 or torch.is_grad_enabled():
+    if len(in_shape) != 2 or len(factors) != 2 or torch.is_grad_enabled():
         return False
-    if not isinstance(like, Tensor) or like.device.type != "cpu" or like.dtype not in _DTYPES:
+    if getattr(result, "requires_grad", False) or torch.is_autocast_enabled("cpu"):
         return False
-    dims = [*in_shape, *(d for f in factor_shapes for d in f)]
-    if not all(isinstance(d, int) for d in dims) or torch.is_autocast_enabled("cpu"):
+    values = [like, *factors, *([] if bias is None else [bias])]
+    if not all(isinstance(v, Tensor) for v in values):
         return False
-    f1, f2 = (tuple(f) if len(f) == 3 else (1, *f) for f in factor_shapes)
+    if any(v.device.type != "cpu" or v.dtype != like.dtype for v in values):
+        return False
+    shapes = [tuple(f.shape) for f in factors]
+    dims = [*in_shape, *(d for f in shapes for d in f)]
+    if like.dtype not in _DTYPES or not all(isinstance(d, int) for d in dims):
+        return False
+    f1, f2 = (f if len(f) == 3 else (1, *f) for f in shapes)
     if f1[0] != f2[0] or (f1[2], f2[2]) != tuple(in_shape):
         return False
     return _kernel_ready(*in_shape, f1[1], f2[1], f1[0], _DTYPES[like.dtype])
@@ -211,13 +238,18 @@ def fused_kron2(rows: Tensor, factors: Sequence[Tensor], bias: Tensor | None) ->
 
 
 def _run(rows: Tensor, factors: Sequence[Tensor], bias: Tensor | None) -> Tensor:
-    """Call the compiled kernel (see :func:`fused_kron2`)."""
-    shape = kernel_shape(rows, factors)
-    assert shape is not None
-    found = kron2_function(shape)
-    assert found is not None
-    fn, order = found
+    """Call the compiled kernel (see :func:`fused_kron2`).
+
+    Without one (a compiled graph that decided on another machine or process, or a
+    call :func:`use_fused` did not approve), the same contraction runs in PyTorch.
+    """
     f1, f2 = (f if f.dim() == 3 else f.unsqueeze(0) for f in factors)
+    shape = kernel_shape(rows, factors)
+    found = None if shape is None or not kernels_enabled() else kron2_function(shape)
+    if shape is None or found is None:
+        y = torch.einsum("rji,bik,rnk->bjn", f1, rows, f2)
+        return y if bias is None else y + bias.reshape(y.shape[1:])
+    fn, order = found
     x = rows.contiguous()
     # Order "21" takes the stacked first factors (h1, R, d1); "12" takes them as is.
     w1 = (f1.permute(1, 0, 2) if order == "21" else f1).contiguous()

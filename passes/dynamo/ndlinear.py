@@ -87,7 +87,18 @@ def _emit(graph: fx.Graph, chain: ModeChain, optimizer: str, rows: int) -> tuple
     choice = plan_ndlinear(chain.in_shape, chain.out_shape, 1, batch=rows, optimizer=optimizer)
     plan = choice.chosen.plan
     shapes = [(h, d) for d, h in zip(chain.in_shape, chain.out_shape, strict=True)]
-    fused = graph_kron2(example_value(chain.x), chain.in_shape, shapes)
+    fused = graph_kron2(
+        example_value(chain.x),
+        chain.in_shape,
+        [example_value(w) for w in chain.weights],
+        None,
+        example_value(chain.nodes[-1]),
+    )
+    like = example_value(chain.x)
+    fused = fused and all(
+        b is None or (example_value(b).dtype, example_value(b).device) == (like.dtype, like.device)
+        for b in chain.biases
+    )
     tile = 0
     if not fused:
         tile = graph_tile(plan.program, chain.in_shape, shapes, example_value(chain.x), rows)
