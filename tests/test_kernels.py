@@ -45,9 +45,15 @@ def test_the_order_with_fewer_flops_is_chosen() -> None:
     assert codegen.kernel_order(shape(48, 40, 24, 32), AVX512) == "21"
 
 
-def test_shapes_without_whole_vectors_or_too_large_get_no_kernel() -> None:
-    assert codegen.kernel_order(shape(24, 32, 48, 20), AVX512) is None  # 20 % 16
+def test_partial_vectors_are_padded_and_large_rows_get_no_kernel() -> None:
+    odd = shape(24, 32, 48, 60)  # 60 % 16: padded to 64 columns, mode 2 first only
+    assert codegen.padded_columns(odd, AVX512) == 64
+    assert codegen.kernel_order(odd, AVX512) == "21"
+    assert codegen.kernel_order(shape(48, 64, 24, 60), AVX512) == "21"  # "12" would be cheaper
+    assert codegen.kernel_order(shape(24, 32, 48, 20), AVX512) is None  # 32 for 20: too much
     assert codegen.kernel_order(shape(24, 32, 48, 20, dtype="float64"), NEON) == "21"
+    assert "memcpy(yb" in codegen.kernel_source(odd, AVX512)
+    assert "memcpy(yb" not in codegen.kernel_source(shape(24, 32, 48, 32), AVX512)
     big = shape(256, 128, 256, 256)  # 256x256 or 256x128 floats of scratch
     assert codegen.scratch_elements(big, "12") * 4 > codegen.MAX_SCRATCH_BYTES
     assert codegen.kernel_order(big, AVX512) is None
@@ -81,6 +87,8 @@ CASES = [
     ((48, 64), (24, 32), 1),  # its down projection (order 12)
     ((7, 16), (11, 48), 3),  # remainder row blocks, three vectors, rank 3
     ((13, 32), (5, 16), 2),
+    ((7, 16), (11, 60), 2),  # 60 columns: padded to whole vectors
+    ((28, 32), (64, 76), 1),  # Qwen2-0.5B's MLP, 896 -> 4864 as (28, 32) -> (64, 76)
 ]
 
 

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ndcompile.ir.pages import empty_like_rows
 from ndcompile.ir.program import records_grad
 from ndcompile.kernels.build import compile_library, kernels_enabled, vector_unit
-from ndcompile.kernels.codegen import KernelShape, kernel_order, kernel_source
+from ndcompile.kernels.codegen import KernelShape, kernel_order, kernel_source, padded_columns
 
 __all__ = [
     "STREAM_BYTES",
@@ -54,8 +54,8 @@ Kernel = Callable[..., None]
 
 
 @functools.cache
-def kron2_function(shape: KernelShape) -> tuple[Kernel, str] | None:
-    """The compiled kernel for ``shape`` on this machine and its mode order, or None."""
+def kron2_function(shape: KernelShape) -> tuple[Kernel, str, int] | None:
+    """The compiled kernel for ``shape`` here, its mode order and padded ``h2``; or None."""
     unit = vector_unit()
     order = None if unit is None else kernel_order(shape, unit)
     if unit is None or order is None:
@@ -66,7 +66,7 @@ def kron2_function(shape: KernelShape) -> tuple[Kernel, str] | None:
     fn = getattr(lib, shape.name)
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_int, ctypes.c_int]
-    return fn, order
+    return fn, order, padded_columns(shape, unit)
 
 
 def kernel_shape(rows: Tensor, factors: Sequence[Tensor]) -> KernelShape | None:
@@ -249,12 +249,12 @@ def _run(rows: Tensor, factors: Sequence[Tensor], bias: Tensor | None) -> Tensor
     if shape is None or found is None:
         y = torch.einsum("rji,bik,rnk->bjn", f1, rows, f2)
         return y if bias is None else y + bias.reshape(y.shape[1:])
-    fn, order = found
+    fn, order, width = found
     x = rows.contiguous()
     # Order "21" takes the stacked first factors (h1, R, d1); "12" takes them as is.
     w1 = (f1.permute(1, 0, 2) if order == "21" else f1).contiguous()
-    w2t = f2.transpose(1, 2).contiguous()  # (R, d2, h2)
-    b = None if bias is None else bias.reshape(shape.h1, shape.h2).contiguous()
+    w2t = _padded(f2.transpose(1, 2), width)  # (R, d2, width): zero columns past h2
+    b = None if bias is None else _padded(bias.reshape(shape.h1, shape.h2), width)
     y = empty_like_rows(x, (x.shape[0], shape.h1, shape.h2))
     unit = vector_unit()
     stream = int(
@@ -274,3 +274,12 @@ def _run(rows: Tensor, factors: Sequence[Tensor], bias: Tensor | None) -> Tensor
         stream,
     )
     return y
+
+
+def _padded(t: Tensor, width: int) -> Tensor:
+    """``t`` contiguous, its last dim zero-padded to ``width``."""
+    if t.shape[-1] == width:
+        return t.contiguous()
+    out = t.new_zeros((*t.shape[:-1], width))
+    out[..., : t.shape[-1]] = t
+    return out
