@@ -168,8 +168,8 @@ def apply_ndlinear(
         tiled = not grad
     saved = not tiled and recompute and grad
     # On the CPU a two-mode layer runs in one generated kernel that keeps each row's
-    # intermediate in cache (ndcompile.kernels). In training (where the backward
-    # recomputes: tiled or saved) its backward recomputes tile by tile as before.
+    # intermediate in cache (ndcompile.kernels). In training it is the forward of the
+    # recomputing paths (tiled or saved), whose backward stays as it was.
     mode_biases = bias.biases if isinstance(bias, ModeBiases) else [bias]
     fused = (
         isinstance(rows, Tensor)
