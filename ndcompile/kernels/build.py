@@ -50,8 +50,9 @@ def kernels_enabled() -> bool:
 @functools.cache
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        found = shutil.which(name) if name else None
+        if found:
+            return found
     return None
 
 

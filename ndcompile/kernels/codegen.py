@@ -201,9 +201,14 @@ def scratch_elements(shape: KernelShape, order: str, width: int | None = None) -
         width: The products' columns, ``h2`` padded to whole vectors (default ``h2``).
     """
     width = shape.h2 if width is None else width
+    padded = shape.h1 * width if width != shape.h2 else 0
+    return _intermediate_elements(shape, order, width) + padded
+
+
+def _intermediate_elements(shape: KernelShape, order: str, width: int) -> int:
+    """Elements of one row's intermediate: ``(R*d1, width)`` or ``(h1, R*d2)``."""
     if order == "21":
-        padded = shape.h1 * width if width != shape.h2 else 0
-        return shape.rank * shape.d1 * width + padded
+        return shape.rank * shape.d1 * width
     return shape.h1 * shape.rank * shape.d2
 
 
@@ -257,7 +262,7 @@ def kernel_source(shape: KernelShape, unit: VectorUnit) -> str:
         ("avx", "double"): "_mm256_stream_pd((double *)(p), (__m256d)(v))",
     }.get((unit.stream, t), "STOREU(p, v)")
     hp = padded_columns(shape, unit)
-    scratch = [f"    T t[{rank * d1 * hp if order == '21' else h1 * rank * d2}] ALIGNED;"]
+    scratch = [f"    T t[{_intermediate_elements(shape, order, hp)}] ALIGNED;"]
     if order == "21":
         # t (R*d1, hp) = x @ W2[r]^T stacked over r; y = W1 (h1, R*d1) @ t.
         products = [("first", d1, hp), ("second", h1, hp)]

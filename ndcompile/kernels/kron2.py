@@ -1,16 +1,17 @@
 """The fused two-mode NdLinear kernel: eligibility, operand layout and the call.
 
 :func:`fused_kron2` runs a two-mode layer ``y[b] = bias + sum_r W1[r] x[b] W2[r]^T``
-in one pass over the batch (see :mod:`ndcompile.kernels.codegen`). It is an
-inference kernel, used on float32/float64 CPU tensors that autograd does not
-record:
+in one pass over the batch (see :mod:`ndcompile.kernels.codegen`), on plain
+float32/float64 CPU tensors:
 
-* eagerly, outside ``jit.trace``, functorch transforms, autocast and dispatch
-  modes (a FLOP counter or a fake mode then sees the planned ops);
-* under ``torch.compile`` as the ``ndcompile::kron2`` custom op, which inductor
-  calls as an extern kernel (the backend's passes emit it too, see
-  :func:`graph_kron2`); never under ``torch.export``, whose programs must run where
-  no kernel can be built.
+* eagerly, in inference, and as the forward of training through
+  :func:`ndcompile.kernels.autograd.train_kron2`; never under ``jit.trace``,
+  autocast, functorch transforms, forward-mode AD, tensor subclasses, or dispatch
+  and function modes (a FLOP counter or a fake mode then sees the planned ops);
+* under ``torch.compile``, in inference only, as the ``ndcompile::kron2`` custom
+  op, which inductor calls as an extern kernel (the backend's passes emit it too,
+  see :func:`graph_kron2`); never under ``torch.export``, whose programs must run
+  where no kernel can be built.
 
 Everywhere else the layer runs its planned program. Each layer shape is compiled
 once per machine (cached on disk) and loaded once per process.
@@ -71,19 +72,23 @@ def kron2_function(shape: KernelShape) -> tuple[Kernel, str, int] | None:
 
 def kernel_shape(rows: Tensor, factors: Sequence[Tensor]) -> KernelShape | None:
     """The kernel specialisation for this batch and these factors, or None if they do not fit."""
-    if len(factors) != 2 or rows.dim() != 3:
+    dims = _kernel_dims(rows.shape, [f.shape for f in factors])
+    return None if dims is None else KernelShape(*dims, _DTYPES[rows.dtype])
+
+
+def _kernel_dims(
+    rows: Sequence[Any], factors: Sequence[Sequence[Any]]
+) -> tuple[int, int, int, int, int] | None:
+    """``(d1, d2, h1, h2, rank)`` of a batch ``(rows, d1, d2)`` and two factors, or None.
+
+    Factors are ``(h, d)`` or ``(R, h, d)``; None when the shapes do not match up.
+    """
+    if len(factors) != 2 or len(rows) != 3:
         return None
-    f1, f2 = (f if f.dim() == 3 else f.unsqueeze(0) for f in factors)
-    if f1.shape[0] != f2.shape[0] or f1.shape[2] != rows.shape[1] or f2.shape[2] != rows.shape[2]:
+    f1, f2 = (tuple(f) if len(f) == 3 else (1, *f) for f in factors)
+    if f1[0] != f2[0] or (f1[2], f2[2]) != (rows[1], rows[2]):
         return None
-    return KernelShape(
-        int(rows.shape[1]),
-        int(rows.shape[2]),
-        int(f1.shape[1]),
-        int(f2.shape[1]),
-        int(f1.shape[0]),
-        _DTYPES[rows.dtype],
-    )
+    return int(rows[1]), int(rows[2]), int(f1[1]), int(f2[1]), int(f1[0])
 
 
 def use_fused(
@@ -153,17 +158,15 @@ def _compiled_use(rows: Tensor, factors: Sequence[Tensor], biases: Sequence[Tens
     operands = _cpu_operands(rows, factors, biases)
     if operands is None or records_grad(operands):
         return False
-    d1, d2 = int(rows.shape[1]), int(rows.shape[2])
-    f1, f2 = factors
-    rank = 1 if f1.dim() == 2 else int(f1.shape[0])
-    return _kernel_ready(d1, d2, int(f1.shape[-2]), int(f2.shape[-2]), rank, _DTYPES[rows.dtype])
+    dims = _kernel_dims(rows.shape, [f.shape for f in factors])
+    return dims is not None and _kernel_ready(*dims, _DTYPES[rows.dtype])
 
 
 def graph_kron2(
     like: Any,
     in_shape: Sequence[int],
     factors: Sequence[Any],
-    bias: Any = None,
+    biases: Sequence[Any] = (),
     result: Any = None,
 ) -> bool:
     """Whether a graph captured now calls ``ndcompile::kron2`` for a two-mode contraction.
@@ -178,26 +181,25 @@ def graph_kron2(
         like: The batch's example value (a FakeTensor).
         in_shape: The two input modes ``(d1, d2)``.
         factors: The two factors' example values, ``(h, d)`` or ``(R, h, d)`` each.
-        bias: The bias's example value, or None.
+        biases: The example values the bias is made of (the full bias or per-mode
+            biases); None entries are skipped.
         result: The example value of the result being replaced, or None.
     """
     if len(in_shape) != 2 or len(factors) != 2 or torch.is_grad_enabled():
         return False
     if getattr(result, "requires_grad", False) or torch.is_autocast_enabled("cpu"):
         return False
-    values = [like, *factors, *([] if bias is None else [bias])]
+    values = [like, *factors, *(b for b in biases if b is not None)]
     if not all(isinstance(v, Tensor) for v in values):
         return False
     if any(v.device.type != "cpu" or v.dtype != like.dtype for v in values):
         return False
     shapes = [tuple(f.shape) for f in factors]
-    dims = [*in_shape, *(d for f in shapes for d in f)]
-    if like.dtype not in _DTYPES or not all(isinstance(d, int) for d in dims):
+    sizes = [*in_shape, *(d for f in shapes for d in f)]
+    if like.dtype not in _DTYPES or not all(isinstance(d, int) for d in sizes):
         return False
-    f1, f2 = (f if len(f) == 3 else (1, *f) for f in shapes)
-    if f1[0] != f2[0] or (f1[2], f2[2]) != tuple(in_shape):
-        return False
-    return _kernel_ready(*in_shape, f1[1], f2[1], f1[0], _DTYPES[like.dtype])
+    dims = _kernel_dims((0, *in_shape), shapes)
+    return dims is not None and _kernel_ready(*dims, _DTYPES[like.dtype])
 
 
 @torch.compiler.assume_constant_result

@@ -222,8 +222,8 @@ def _emit(
     if all(isinstance(v, Tensor) for v in values):
         program = tn.plan(optimizer, nominal_batch=rows).program
         shapes = [tuple(v.shape) for v in values]
-        bias_value = None if b is None else example_value(b)
-        fused = graph_kron2(example_value(x), in_shape, values, bias_value, example_value(node))
+        biases = [] if b is None else [example_value(b)]
+        fused = graph_kron2(example_value(x), in_shape, values, biases, example_value(node))
         tile = 0 if fused else graph_tile(program, in_shape, shapes, example_value(x), rows)
     if fused:
         # The generated kernel adds the bias as it writes each row.

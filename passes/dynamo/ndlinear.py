@@ -91,13 +91,8 @@ def _emit(graph: fx.Graph, chain: ModeChain, optimizer: str, rows: int) -> tuple
         example_value(chain.x),
         chain.in_shape,
         [example_value(w) for w in chain.weights],
-        None,
+        [None if b is None else example_value(b) for b in chain.biases],
         example_value(chain.nodes[-1]),
-    )
-    like = example_value(chain.x)
-    fused = fused and all(
-        b is None or (example_value(b).dtype, example_value(b).device) == (like.dtype, like.device)
-        for b in chain.biases
     )
     tile = 0
     if not fused:
